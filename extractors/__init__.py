@@ -1,0 +1,1 @@
+"""Image -> region features. Knows nothing of files, stores or DVC."""
