@@ -1,7 +1,8 @@
 """Typed schema of `params.yaml`: one section per DVC stage, validated before any work starts.
 
-Every section forbids unknown keys, so a typo (`train.lamda_softmax`) is an error that names the key instead of
-a silently ignored setting. Stage commands load their own section with `load_section(path, "train")`.
+Every section forbids unknown keys, so a typo (`train.lamda_softmax`) is an error that names the key
+instead of a silently ignored setting. Stage commands load their own section with
+`load_section(path, "train")`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DataParams(Section):
+    """Where the dataset is: dvc.yaml reads these paths through `${data.*}` (not a stage of its own).
+
+    The defaults point at the embedded sample, written by the `sample` stage. For Flickr30K or COCO set them
+    to the Karpathy split file and the images root (absolute paths are fine) and set `prepare.dataset`.
+    """
+
+    dataset_json: str = Field("data/sample/dataset.json", min_length=1)
+    images: str = Field("data/sample/images", min_length=1)
+
+
 class SampleParams(Section):
     """`scan-pipe sample`: the embedded synthetic dataset."""
 
@@ -27,6 +39,7 @@ class SampleParams(Section):
     num_val: int = Field(20, ge=1)
     num_test: int = Field(20, ge=1)
     image_size: int = Field(160, ge=32)
+    max_objects: int = Field(3, ge=1, le=3)  # shapes per image (one per horizontal third)
 
 
 class PrepareParams(Section):
@@ -40,17 +53,27 @@ class PrepareParams(Section):
 class ExtractParams(Section):
     """`scan-pipe extract`: the bottom-up-attention detector run."""
 
-    weights: str = "random"  # a checkpoint path, or "random" for an untrained detector (sample only)
+    # A checkpoint path, or "random" for an untrained detector (plumbing runs only). No default on purpose:
+    # features from random weights must never be produced by accident.
+    weights: str | None = None
+    seed: int = 0  # initialisation seed of `weights: random`, so two untrained runs give the same features
+    arch: Literal["full", "tiny"] = "full"  # tiny: same code, small widths (tests, smoke runs)
     boxes: Literal["36", "adaptive"] = "36"
     batch_size: int = Field(1, ge=1)
     num_workers: int = Field(2, ge=0)
     device: str = "cpu"
     feature_dtype: Literal["float16", "float32"] = "float16"
     precision: Literal["exact", "tf32", "bf16", "fp16"] = "exact"
-    test_scale: int = Field(600, ge=32)
-    max_size: int = Field(1000, ge=32)
-    pre_nms_top_n: int = Field(6000, ge=1)
-    post_nms_top_n: int = Field(300, ge=1)
+    # None: the architecture's own value (full: 600 / 1000 / 6000 / 300, the Caffe reference's test settings).
+    test_scale: int | None = Field(None, ge=8)
+    max_size: int | None = Field(None, ge=8)
+    pre_nms_top_n: int | None = Field(None, ge=1)
+    post_nms_top_n: int | None = Field(None, ge=1)
+    rows_per_part: int = Field(512, ge=1)
+    max_failures: int = Field(0, ge=0)  # more failed images than this -> exit code 3
+    max_image_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, checked on the header
+    objects_vocab: str | None = None  # objects_vocab.txt: class names recorded in the store metadata
+    attributes_vocab: str | None = None
 
 
 class TokenizeParams(Section):
@@ -67,11 +90,12 @@ class TrainParams(Section):
     word_dim: int = Field(300, ge=1)
     num_layers: int = Field(1, ge=1)
     bidirectional: bool = True
-    raw_feature_norm: Literal["softmax", "clipped_l2norm", "l2norm", "clipped", "no_norm", "l1norm", "clipped_l1norm"] = (
-        "clipped_l2norm"
-    )
-    lambda_softmax: float = Field(9.0, gt=0)
-    lambda_lse: float = Field(6.0, gt=0)
+    raw_feature_norm: Literal[
+        "softmax", "clipped_l2norm", "l2norm", "clipped", "no_norm", "l1norm", "clipped_l1norm"
+    ] = "clipped_l2norm"
+    # None: the variant's published value (t2i: 9 / 6, i2t: 4 / 5; see the model registry).
+    lambda_softmax: float | None = Field(None, gt=0)
+    lambda_lse: float | None = Field(None, gt=0)
     no_imgnorm: bool = False
     no_txtnorm: bool = False
     epochs: int = Field(30, ge=1)
@@ -86,6 +110,9 @@ class TrainParams(Section):
     device: str = "auto"
     amp: bool = True
     val_max_images: int = Field(1000, ge=1)
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"  # CUDA autocast dtype (fp16 adds a GradScaler); CPU: float32
+    encode_batch_size: int = Field(128, ge=1)  # images/captions per encoder call during validation
+    val_block_size: int | None = Field(None, ge=1)  # scoring block; None: the device's default
 
 
 class EvaluateParams(Section):
@@ -93,7 +120,9 @@ class EvaluateParams(Section):
 
     protocol: Literal["flickr30k_1k", "coco_1k", "coco_5k", "all"] = "flickr30k_1k"
     split: str = "test"
-    block_size: int = Field(256, ge=1)
+    block_size: int | None = Field(None, ge=1)  # images x captions per scoring block; None: device default
+    batch_size: int = Field(128, ge=1)  # images/captions per encoder call
+    captions_per_image: int = Field(5, ge=1)
     device: str = "auto"
     save_scores: bool = False
 
@@ -108,6 +137,7 @@ class ReportParams(Section):
 class Params(Section):
     """The whole `params.yaml`."""
 
+    data: DataParams = DataParams()
     sample: SampleParams = SampleParams()
     prepare: PrepareParams = PrepareParams()
     extract: ExtractParams = ExtractParams()

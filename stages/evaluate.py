@@ -1,9 +1,164 @@
-"""Stage `evaluate` (to be implemented)."""
+"""Stage `evaluate`: recall metrics of one checkpoint or an ensemble on a split, under a named protocol."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.captions import CaptionsError
+from pipeline.checkpoint import CheckpointError
+from pipeline.data import DataError
+from pipeline.distributed import DeviceError
+from pipeline.evaluate import METRIC_KEYS, ranks_table, write_metrics_json, write_ranks_parquet
+from pipeline.inference import EvaluationError, EvaluationRun, evaluate_run
+from pipeline.params import EvaluateParams
+from pipeline.store import FeatureStoreError, atomic_output
+from pipeline.vocab import VocabularyError
+from stages._stage_params import fail, stage_section
+
+USER_ERRORS = (
+    EvaluationError,
+    DataError,
+    CheckpointError,
+    FeatureStoreError,
+    CaptionsError,
+    VocabularyError,
+    DeviceError,
+)
+
+
+def write_scores(path: Path, scores: np.ndarray) -> Path:
+    """The (images, captions) float32 score matrix as .npy, atomically."""
+    with atomic_output(path) as tmp_path, tmp_path.open("wb") as handle:
+        np.save(handle, np.ascontiguousarray(scores, dtype=np.float32))
+    return path
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    """A rich table, one row per metric and one column per result (the protocol's, then coco_1k folds)."""
+    columns: list[tuple[str, dict[str, Any]]] = [(str(metrics.get("protocol", "")), metrics)]
+    nested = metrics.get("coco_1k") if isinstance(metrics.get("coco_1k"), dict) else None
+    if nested is not None:
+        columns.append(("coco_1k", nested))
+    for source in (metrics, nested or {}):
+        columns.extend((f"fold {index}", fold) for index, fold in enumerate(source.get("folds", [])))
+    table = Table(title=title)
+    table.add_column("metric")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    for key in METRIC_KEYS:
+        table.add_row(key, *(f"{float(values[key]):.2f}" for _, values in columns))
+    return table
+
+
+def evaluate_command(
+    checkpoint: list[Path] = typer.Option(
+        ..., "--checkpoint", help="Checkpoint directory; repeat for an ensemble (score matrices averaged)."
+    ),
+    features: Path = typer.Option(
+        ..., "--features", help="Feature store directory holding the split's images."
+    ),
+    captions: Path = typer.Option(..., "--captions", help="captions.parquet of the split to evaluate."),
+    out: Path = typer.Option(..., "--out", help="Output directory: metrics.json, ranks.parquet, scores.npy."),
+    protocol: str | None = typer.Option(
+        None,
+        "--protocol",
+        help="flickr30k_1k, coco_1k (5 folds), coco_5k, or all. Overrides evaluate.protocol.",
+    ),
+    model: list[str] | None = typer.Option(
+        None, "--model", help="Expected model variant of each checkpoint (one per --checkpoint, in order)."
+    ),
+    vocab: Path | None = typer.Option(
+        None, "--vocab", help="Vocabulary JSON (default: the checkpoint's own)."
+    ),
+    save_scores: bool | None = typer.Option(
+        None, "--save-scores/--no-save-scores", help="Also write the score matrix as scores.npy."
+    ),
+    params: Path | None = typer.Option(None, "--params", help="params.yaml; section `evaluate` is used."),
+    block_size: int | None = typer.Option(None, "--block-size", help="Images x captions per scoring block."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images/captions per encoder call."),
+    device: str | None = typer.Option(None, "--device", help="Override evaluate.device (auto, cpu, cuda)."),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Cache of the memory-mapped feature table."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Score a split with trained checkpoints; write recall metrics, per-query ranks and optionally scores."""
+    section = stage_section(params, "evaluate", EvaluateParams)
+    given = {
+        "protocol": protocol,
+        "save_scores": save_scores,
+        "block_size": block_size,
+        "batch_size": batch_size,
+        "device": device,
+    }
+    try:
+        settings = EvaluateParams.model_validate(
+            {**section.model_dump(), **{k: v for k, v in given.items() if v is not None}}
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(map(str, e['loc']))}: {e['msg']}".replace("_", "-") for e in exc.errors()
+        )
+        fail(f"invalid option: {problems}", code=2)
+    for path in checkpoint:
+        if not path.exists():
+            fail(f"{path}: --checkpoint not found")
+    if not features.is_dir():
+        fail(f"{features}: --features directory not found")
+    if not captions.is_file():
+        fail(f"{captions}: --captions file not found")
+    if model and len(model) != len(checkpoint):
+        fail(
+            f"{len(model)} --model value(s) for {len(checkpoint)} --checkpoint(s); give one per checkpoint",
+            code=2,
+        )
+    console = Console()
+    try:
+        run: EvaluationRun = evaluate_run(
+            checkpoint,
+            features,
+            captions,
+            vocab_path=vocab,
+            protocol=settings.protocol,
+            block_size=settings.block_size,
+            batch_size=settings.batch_size,
+            captions_per_image=settings.captions_per_image,
+            device=settings.device,
+            cache_dir=cache_dir,
+            expect_models=model or None,
+            progress=progress,
+            console=console,
+        )
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = dict(run.metrics)
+    metrics["captions"] = str(captions)
+    metrics["features"] = str(features)
+    write_metrics_json(out / "metrics.json", metrics)
+    table = ranks_table(
+        run.ranks,
+        captions_per_image=run.layout.captions_per_image,
+        image_ids=run.layout.image_ids,
+        captions=run.layout.captions,
+    )
+    write_ranks_parquet(out / "ranks.parquet", table)
+    written = ["metrics.json", "ranks.parquet"]
+    if settings.save_scores:
+        write_scores(out / "scores.npy", run.scores)
+        written.append("scores.npy")
+    members = " + ".join(run.metrics["models"])
+    console.print(metrics_table(run.metrics, f"{members} on {captions} ({run.layout.num_images} images)"))
+    console.print(f"wrote {', '.join(written)} to {out}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the CLI (none yet)."""
+    """Add `scan-pipe evaluate`."""
+    app.command("evaluate")(evaluate_command)

@@ -1,0 +1,79 @@
+"""Caffe preprocessing (`fast_rcnn/test.py::_get_image_blob`): BGR, mean subtraction, then cv2 resize.
+
+The order matters for conformance: the means are subtracted from the float32 image *before* the bilinear
+resize, there is no division by a std, and the output size is cv2's rounded product, not a floor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from extractors.bua.config import CAFFE_PIXEL_MEANS_BGR
+
+# The stem's 7x7/2 conv and 3x3/2 ceil-mode pool need a few pixels; smaller blobs cannot be processed.
+MIN_BLOB_SIDE = 8
+
+
+def check_image(image_bgr: np.ndarray, name: str = "image") -> None:
+    """Raise a clear ValueError unless `image_bgr` is a decoded HxWx3 uint8 BGR array."""
+    if not isinstance(image_bgr, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(image_bgr).__name__}")
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+        raise ValueError(f"{name}: expected an HxWx3 BGR array, got shape {tuple(image_bgr.shape)}")
+    if image_bgr.dtype != np.uint8:
+        raise ValueError(f"{name}: expected dtype uint8, got {image_bgr.dtype}")
+    if image_bgr.shape[0] < 1 or image_bgr.shape[1] < 1:
+        raise ValueError(f"{name}: empty image of shape {tuple(image_bgr.shape)}")
+
+
+def compute_scale(height: int, width: int, test_scale: int = 600, max_size: int = 1000) -> float:
+    """Caffe's scale rule: short side to `test_scale`, unless the *rounded* long side exceeds `max_size`."""
+    im_size_min = min(height, width)
+    im_size_max = max(height, width)
+    im_scale = float(test_scale) / float(im_size_min)
+    if np.round(im_scale * im_size_max) > max_size:  # np.round: half to even, compared after rounding
+        im_scale = float(max_size) / float(im_size_max)
+    return im_scale
+
+
+def scaled_size(height: int, width: int, im_scale: float) -> tuple[int, int]:
+    """Blob size cv2.resize produces for `fx = fy = im_scale` (cvRound of the double product)."""
+    return int(np.rint(height * im_scale)), int(np.rint(width * im_scale))
+
+
+def image_blob(
+    image_bgr: np.ndarray,
+    test_scale: int = 600,
+    max_size: int = 1000,
+    pixel_means_bgr: Sequence[float] = CAFFE_PIXEL_MEANS_BGR,
+) -> tuple[np.ndarray, float]:
+    """Return the float32 (3, H', W') BGR blob and the float64 im_scale of one decoded uint8 BGR image."""
+    check_image(image_bgr)
+    height, width = image_bgr.shape[:2]
+    im_scale = compute_scale(height, width, test_scale, max_size)
+    out_h, out_w = scaled_size(height, width, im_scale)
+    if min(out_h, out_w) < MIN_BLOB_SIDE:
+        raise ValueError(
+            f"image of {width}x{height} px scales to {out_w}x{out_h} px, smaller than the {MIN_BLOB_SIDE} px "
+            "the detector needs on each side (extreme aspect ratio?)"
+        )
+    # float32 minus float64 means: computed in double, rounded to float32, as the reference's in-place `-=`.
+    centred = (image_bgr.astype(np.float32) - np.asarray(pixel_means_bgr, dtype=np.float64)).astype(
+        np.float32
+    )
+    resized = cv2.resize(centred, None, None, fx=im_scale, fy=im_scale, interpolation=cv2.INTER_LINEAR)
+    if resized.shape[:2] != (out_h, out_w):  # cv2 computes the same rounded size; guard against surprises
+        raise RuntimeError(f"cv2.resize returned {resized.shape[:2]}, expected {(out_h, out_w)}")
+    blob = np.ascontiguousarray(resized.transpose(2, 0, 1))
+    return blob, im_scale
+
+
+def feature_size(blob_side: int) -> int:
+    """res4 size along one axis for a blob side (stem conv /2, ceil-mode pool /2, res3 /2, res4 /2)."""
+    s1 = (blob_side - 1) // 2 + 1
+    s2 = -(-(s1 - 3) // 2) + 1
+    s3 = -(-s2 // 2)
+    return -(-s3 // 2)

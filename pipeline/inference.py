@@ -1,0 +1,439 @@
+"""Encode a split once and score it blockwise; one model or an ensemble of checkpoints.
+
+Evaluation cost is dominated by scoring n_images x n_captions pairs, so every image and every caption is
+encoded exactly once (not once per pair, as the original's loop did), captions in length-sorted batches to
+keep padding small, and the score matrix is filled by `model.similarity` over caption chunks, which itself
+works in bounded image x caption blocks. An ensemble averages the score matrices of its members (each member
+tokenises the captions with its own vocabulary, stored in its checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from torch import Tensor, nn
+
+from pipeline.captions import read_captions
+from pipeline.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint_info
+from pipeline.data import (
+    CaptionDataset,
+    DataError,
+    EvaluationLayout,
+    ImageDataset,
+    TokenizedCaptions,
+    caption_loader,
+    evaluation_layout,
+    image_loader,
+    open_feature_table,
+    tokenize_captions,
+)
+from pipeline.distributed import resolve_device
+from pipeline.evaluate import (
+    PROTOCOLS,
+    RetrievalRanks,
+    evaluate_protocol,
+    retrieval_ranks,
+)
+from pipeline.models.ensemble import average_scores
+from pipeline.store import RegionFeatureTable
+from pipeline.vocab import Vocabulary
+
+# Captions per `similarity` call: large enough to fill a GPU block, small enough that a chunk's padding
+# (to its longest caption; chunks are length-sorted) stays cheap.
+SCORE_CHUNK_CAPTIONS = 2048
+RANKS_TOP_K = 10
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a task (rich has ETA and elapsed columns, but no plain rate)."""
+
+    def __init__(self, unit: str = "it") -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text(f"- {self.unit}/s", style="progress.data.speed")
+        return Text(f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
+
+
+def progress_bar(console: Console | None = None, *, unit: str = "it", disable: bool = False) -> Progress:
+    """The project's progress bar: description, bar, count, rate, elapsed, ETA and a free `info` field."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=disable,
+    )
+
+
+class _Tracker:
+    """A task in an optional Progress (no-op without one)."""
+
+    def __init__(self, progress: Progress | None, description: str, total: int, keep: bool = True) -> None:
+        self.progress = progress
+        self.keep = keep
+        self.task = progress.add_task(description, total=total, info="") if progress is not None else None
+
+    def advance(self, amount: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=amount)
+
+    def close(self) -> None:
+        if self.progress is not None and self.task is not None:
+            if self.keep:
+                self.progress.refresh()
+            else:
+                self.progress.remove_task(self.task)
+
+
+@dataclass
+class EncodedCaptions:
+    """Caption embeddings in length-sorted chunks, each padded to its own longest caption."""
+
+    indices: list[Tensor]  # per chunk: caption positions (CPU int64)
+    embeddings: list[Tensor]  # per chunk: (c, L_chunk, d)
+    lengths: list[Tensor]  # per chunk: (c,) int64 on the embeddings' device
+    count: int
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module,
+    table: RegionFeatureTable,
+    image_rows: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    progress: Progress | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    keep_tasks: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Region embeddings of each listed image once: ((N, R, d) float32 on `device`, region lengths or None).
+
+    Lengths are None when every image has the padded number of regions (the 36-box case): nothing to mask.
+    """
+    loader = image_loader(
+        ImageDataset(table, image_rows), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    tracker = _Tracker(progress, "encode images", len(image_rows), keep_tasks)
+    pieces: list[Tensor] = []
+    lengths: list[Tensor] = []
+    for batch in loader:
+        regions = batch.region_features.to(device, non_blocking=True)
+        region_lengths = batch.region_lengths.to(device)
+        with _autocast(device, autocast_dtype):
+            embedded = model.encode_images(regions, region_lengths)
+        pieces.append(embedded.float())
+        lengths.append(region_lengths)
+        tracker.advance(len(batch.indices))
+    tracker.close()
+    longest = max(p.shape[1] for p in pieces)
+    padded = [torch.nn.functional.pad(p, (0, 0, 0, longest - p.shape[1])) for p in pieces]
+    all_lengths = torch.cat(lengths)
+    img_emb = torch.cat(padded)
+    return img_emb, (None if bool((all_lengths == longest).all()) else all_lengths)
+
+
+@torch.no_grad()
+def encode_captions(
+    model: nn.Module,
+    tokens: TokenizedCaptions,
+    *,
+    batch_size: int,
+    device: torch.device,
+    progress: Progress | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_captions: int = SCORE_CHUNK_CAPTIONS,
+    keep_tasks: bool = True,
+) -> EncodedCaptions:
+    """Word embeddings of every caption, encoded in length-sorted batches and grouped into scoring chunks."""
+    loader = caption_loader(CaptionDataset(tokens), batch_size, sort_by_length=True)
+    tracker = _Tracker(progress, "encode captions", len(tokens), keep_tasks)
+    result = EncodedCaptions(indices=[], embeddings=[], lengths=[], count=len(tokens))
+    pending: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        longest = max(emb.shape[1] for _, emb, _ in pending)
+        result.indices.append(torch.cat([idx for idx, _, _ in pending]))
+        result.embeddings.append(
+            torch.cat(
+                [torch.nn.functional.pad(emb, (0, 0, 0, longest - emb.shape[1])) for _, emb, _ in pending]
+            )
+        )
+        result.lengths.append(torch.cat([lens for _, _, lens in pending]))
+        pending.clear()
+
+    pending_count = 0
+    for batch in loader:
+        token_ids = batch.token_ids.to(device, non_blocking=True)
+        caption_lengths = batch.caption_lengths.to(device)
+        with _autocast(device, autocast_dtype):
+            embedded = model.encode_captions(token_ids, caption_lengths)
+        pending.append((batch.indices, embedded.float(), caption_lengths))
+        pending_count += len(batch.indices)
+        tracker.advance(len(batch.indices))
+        if pending_count >= chunk_captions:
+            flush()
+            pending_count = 0
+    flush()
+    tracker.close()
+    return result
+
+
+@torch.no_grad()
+def score_encoded(
+    model: nn.Module,
+    img_emb: Tensor,
+    region_lengths: Tensor | None,
+    captions: EncodedCaptions,
+    *,
+    block_size: int | tuple[int, int] | None = None,
+    progress: Progress | None = None,
+    keep_tasks: bool = True,
+) -> Tensor:
+    """The (n_images, n_captions) float32 score matrix on the CPU, filled chunk by chunk."""
+    n_images = img_emb.shape[0]
+    scores = torch.empty(n_images, captions.count, dtype=torch.float32)
+    tracker = _Tracker(progress, "score pairs", n_images * captions.count, keep_tasks)
+    for indices, embeddings, lengths in zip(
+        captions.indices, captions.embeddings, captions.lengths, strict=True
+    ):
+        chunk = model.similarity(
+            img_emb, embeddings, lengths, region_lengths, block_size=block_size, progress=tracker.advance
+        )
+        scores[:, indices] = chunk.float().cpu()
+    tracker.close()
+    return scores
+
+
+def model_scores(
+    model: nn.Module,
+    table: RegionFeatureTable,
+    image_rows: np.ndarray,
+    tokens: TokenizedCaptions,
+    *,
+    batch_size: int = 128,
+    block_size: int | tuple[int, int] | None = None,
+    device: torch.device,
+    progress: Progress | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    keep_tasks: bool = True,
+) -> Tensor:
+    """Encode images and captions once with `model`, then score all pairs (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    try:
+        img_emb, region_lengths = encode_images(
+            model,
+            table,
+            image_rows,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            autocast_dtype=autocast_dtype,
+            keep_tasks=keep_tasks,
+        )
+        encoded = encode_captions(
+            model,
+            tokens,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            autocast_dtype=autocast_dtype,
+            keep_tasks=keep_tasks,
+        )
+        return score_encoded(
+            model,
+            img_emb,
+            region_lengths,
+            encoded,
+            block_size=block_size,
+            progress=progress,
+            keep_tasks=keep_tasks,
+        )
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+class EvaluationError(ValueError):
+    """Inputs of an evaluation do not fit together; the message names the file and what is wrong."""
+
+
+@dataclass
+class EvaluationRun:
+    """Result of `evaluate_run`: metrics (flat, + per-fold for coco_1k), the score matrix, ranks, inputs."""
+
+    metrics: dict[str, Any]
+    scores: np.ndarray  # (n_images, n_captions) float32
+    ranks: RetrievalRanks
+    layout: EvaluationLayout
+    checkpoints: list[CheckpointInfo]
+
+
+def protocol_metrics(scores: Tensor | np.ndarray, protocol: str, captions_per_image: int) -> dict[str, Any]:
+    """Metrics of one protocol, or for `all`: the whole-matrix metrics plus a nested `coco_1k` entry.
+
+    `all` = the whole matrix (what `flickr30k_1k` and `coco_5k` compute) at the top level, and, when the image
+    count splits into five folds, the 5-fold `coco_1k` result under the key `coco_1k`.
+    """
+    if protocol == "all":
+        n_images = scores.shape[0]
+        result = evaluate_protocol(scores, "coco_5k", captions_per_image)
+        result["protocol"] = "all"
+        if n_images % 5 == 0:
+            result["coco_1k"] = evaluate_protocol(scores, "coco_1k", captions_per_image)
+        return result
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"unknown protocol {protocol!r}; expected one of {(*PROTOCOLS, 'all')}")
+    return evaluate_protocol(scores, protocol, captions_per_image)
+
+
+def _load_vocabulary(info: CheckpointInfo, vocab_path: str | Path | None) -> tuple[Vocabulary, Path]:
+    path = Path(vocab_path) if vocab_path is not None else info.vocab_path
+    if path is None:
+        raise EvaluationError(
+            f"{info.path}: checkpoint carries no vocabulary; pass the vocabulary file explicitly"
+        )
+    if not path.is_file():
+        raise EvaluationError(f"{path}: vocabulary file not found")
+    vocab = Vocabulary.load(path)
+    expected = info.model_config.get("vocab_size")
+    if expected is not None and len(vocab) != expected:
+        raise EvaluationError(
+            f"{path}: vocabulary has {len(vocab)} words but checkpoint {info.path} was trained with "
+            f"{expected}; "
+            "use the vocabulary the model was trained with"
+        )
+    return vocab, path
+
+
+def evaluate_run(
+    checkpoints: Sequence[str | Path],
+    features_dir: str | Path,
+    captions_path: str | Path,
+    *,
+    vocab_path: str | Path | None = None,
+    protocol: str = "flickr30k_1k",
+    block_size: int | tuple[int, int] | None = None,
+    batch_size: int = 128,
+    captions_per_image: int = 5,
+    device: str | torch.device = "auto",
+    cache_dir: str | Path | None = None,
+    expect_models: Sequence[str] | None = None,
+    max_images: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> EvaluationRun:
+    """Score a split with one checkpoint or an ensemble of several and compute the protocol's metrics.
+
+    Every checkpoint is checked before any work: it exists, is of the expected variant (`expect_models`, one
+    name per checkpoint), and fits the feature store's dimension and its vocabulary.
+    """
+    if not checkpoints:
+        raise EvaluationError("no checkpoint given")
+    if protocol != "all" and protocol not in PROTOCOLS:
+        raise EvaluationError(f"unknown protocol {protocol!r}; expected one of {(*PROTOCOLS, 'all')}")
+    if expect_models is not None and len(expect_models) != len(checkpoints):
+        raise EvaluationError(
+            f"{len(expect_models)} expected model name(s) for {len(checkpoints)} checkpoint(s); "
+            "give one per checkpoint"
+        )
+    infos = [read_checkpoint_info(path) for path in checkpoints]
+    if expect_models is not None:
+        for info, expected in zip(infos, expect_models, strict=True):
+            if info.model_name != expected:
+                raise CheckpointError(
+                    f"{info.path}: checkpoint holds model variant {info.model_name!r}, expected {expected!r}"
+                )
+    vocabularies = [_load_vocabulary(info, vocab_path) for info in infos]
+    target = resolve_device(device)
+    table = open_feature_table(features_dir, cache_dir)
+    for info in infos:
+        img_dim = info.model_config.get("img_dim")
+        if img_dim is not None and img_dim != table.feature_dim:
+            raise EvaluationError(
+                f"{features_dir}: region features have dimension {table.feature_dim}, "
+                f"but checkpoint {info.path} "
+                f"expects {img_dim}"
+            )
+    caption_table = read_captions(captions_path, captions_per_image=captions_per_image)
+    try:
+        layout = evaluation_layout(
+            table,
+            caption_table,
+            captions_source=captions_path,
+            features_source=features_dir,
+            max_images=max_images,
+        )
+    except DataError as exc:
+        raise EvaluationError(str(exc)) from exc
+    if protocol == "coco_1k" and layout.num_images % 5:
+        raise EvaluationError(
+            f"{captions_path}: coco_1k needs an image count divisible into 5 folds, "
+            f"got {layout.num_images} images"
+        )
+
+    members: list[Tensor] = []
+    with progress_bar(console, unit="it", disable=not progress) as bar:
+        for info, (vocab, vocab_file) in zip(infos, vocabularies, strict=True):
+            model, _ = load_checkpoint(info.path, map_location=target)
+            tokens = tokenize_captions(layout.captions, vocab, source=vocab_file)
+            members.append(
+                model_scores(
+                    model,
+                    table,
+                    layout.image_rows,
+                    tokens,
+                    batch_size=batch_size,
+                    block_size=block_size,
+                    device=target,
+                    progress=bar if progress else None,
+                )
+            )
+            del model
+    scores = average_scores(members) if len(members) > 1 else members[0]
+    metrics = protocol_metrics(scores, protocol, layout.captions_per_image)
+    metrics["checkpoints"] = [str(info.path) for info in infos]
+    metrics["models"] = [info.model_name for info in infos]
+    ranks = retrieval_ranks(scores, layout.captions_per_image, top_k=RANKS_TOP_K)
+    return EvaluationRun(
+        metrics=metrics, scores=scores.numpy(), ranks=ranks, layout=layout, checkpoints=infos
+    )

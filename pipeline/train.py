@@ -1,0 +1,566 @@
+"""SCAN training: seeded, resumable to the exact weights, validated every epoch, single process or DDP.
+
+The loop follows the reference settings (`../shared/reference/README.md`): Adam, lr x0.1 at `lr_update`,
+gradient-norm clip, hardest-negative triplet loss summed over the batch, model selection on validation rsum.
+
+Exact resume. Everything that influences an epoch is either in the checkpoint (weights, Adam moments and step
+counts, gradient-scaler state) or a pure function of (seed, epoch): the batch order (`pipeline.data`), the
+learning rate, and the torch RNG, re-seeded per epoch inside a forked RNG scope (SCAN itself draws no random
+numbers after initialisation; the scope keeps it that way if a stochastic layer is added). So an interrupted
+run resumed from its last checkpoint ends with the same weights as an uninterrupted one (bit for bit on CPU).
+
+Files under `out_dir`:
+    checkpoints/last/   written atomically after every epoch (see `pipeline.checkpoint`)
+    checkpoints/best/   a copy of the epoch with the best validation rsum so far
+    metrics.jsonl       one JSON object per epoch: epoch, lr, train_loss, steps, val_* metrics, times
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torch import Tensor, nn
+
+from pipeline.captions import read_captions
+from pipeline.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    bytes_to_json,
+    copy_checkpoint,
+    is_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    read_checkpoint_info,
+    save_checkpoint,
+)
+from pipeline.data import (
+    DataError,
+    EpochBatchSampler,
+    PairDataset,
+    evaluation_layout,
+    map_image_ids,
+    open_feature_table,
+    pair_loader,
+    tokenize_captions,
+)
+from pipeline.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    gather_with_grad,
+    init_distributed,
+    shutdown,
+    wrap_model,
+)
+from pipeline.evaluate import retrieval_metrics
+from pipeline.inference import model_scores, progress_bar
+from pipeline.models.losses import hardest_negative_triplet_loss
+from pipeline.models.registry import create_model
+from pipeline.params import TrainParams
+from pipeline.store import atomic_output
+from pipeline.vocab import Vocabulary
+
+# Params that may change when a run is resumed: they do not alter the optimisation.
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "encode_batch_size", "val_block_size"})
+LOSS_DISPLAY_EVERY = 10  # steps between loss read-backs for the progress bar (each one syncs the GPU)
+
+
+class TrainingError(ValueError):
+    """Training cannot start or continue; the message names the file or setting at fault."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a training run keeps its outputs."""
+
+    out_dir: Path
+
+    @property
+    def last(self) -> Path:
+        """Checkpoint of the last completed epoch."""
+        return self.out_dir / "checkpoints" / "last"
+
+    @property
+    def best(self) -> Path:
+        """Checkpoint with the best validation rsum."""
+        return self.out_dir / "checkpoints" / "best"
+
+    @property
+    def metrics(self) -> Path:
+        """Per-epoch JSON lines."""
+        return self.out_dir / "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did."""
+
+    out_dir: Path
+    start_epoch: int  # completed epochs when this call started
+    epochs_completed: int
+    best_epoch: int | None
+    best_rsum: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)  # all metrics.jsonl records
+    nothing_to_do: bool = False
+
+
+def model_overrides(params: TrainParams, *, vocab_size: int, img_dim: int) -> dict[str, Any]:
+    """Registry overrides for `params.model`: sizes and options from params; temperatures only when set."""
+    overrides: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "img_dim": img_dim,
+        "embed_size": params.embed_size,
+        "word_dim": params.word_dim,
+        "num_layers": params.num_layers,
+        "bidirectional": params.bidirectional,
+        "raw_feature_norm": params.raw_feature_norm,
+        "no_imgnorm": params.no_imgnorm,
+        "no_txtnorm": params.no_txtnorm,
+    }
+    if params.lambda_softmax is not None:
+        overrides["lambda_softmax"] = params.lambda_softmax
+    if params.lambda_lse is not None:
+        overrides["lambda_lse"] = params.lambda_lse
+    return overrides
+
+
+def build_seeded_model(params: TrainParams, *, vocab_size: int, img_dim: int) -> nn.Module:
+    """The initial model, drawn from `params.seed` without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        return create_model(params.model, **model_overrides(params, vocab_size=vocab_size, img_dim=img_dim))
+
+
+def learning_rate(params: TrainParams, epoch: int) -> float:
+    """The reference schedule: lr x 0.1 every `lr_update` epochs (epoch is 0-based)."""
+    return params.lr * (0.1 ** (epoch // params.lr_update))
+
+
+class ContrastiveStep(nn.Module):
+    """Encode a (local) batch, gather it across ranks, score the global batch, return the triplet loss.
+
+    This is the module DDP wraps, so the gather happens inside its forward. Scores and loss run in float32
+    outside autocast: softmax and LogSumExp over half-precision products overflow.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, margin: float, max_violation: bool, context: DistributedContext
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.margin = margin
+        self.max_violation = max_violation
+        self.context = context
+
+    def forward(
+        self, region_features: Tensor, region_lengths: Tensor, token_ids: Tensor, caption_lengths: Tensor
+    ) -> Tensor:
+        img_emb = self.model.encode_images(region_features, region_lengths)
+        cap_emb = self.model.encode_captions(token_ids, caption_lengths)
+        if self.context.enabled:
+            img_emb = gather_with_grad(img_emb, self.context, pad_dims=(1,))
+            cap_emb = gather_with_grad(cap_emb, self.context, pad_dims=(1,))
+            region_lengths = gather_with_grad(region_lengths, self.context)
+            caption_lengths = gather_with_grad(caption_lengths, self.context)
+        with torch.autocast(device_type=img_emb.device.type, enabled=False):
+            scores = self.model.similarity(
+                img_emb.float(), cap_emb.float(), caption_lengths, region_lengths, block_size=img_emb.shape[0]
+            )
+            return hardest_negative_triplet_loss(scores, margin=self.margin, max_violation=self.max_violation)
+
+
+@contextmanager
+def epoch_rng(seed: int, epoch: int, device: torch.device) -> Iterator[None]:
+    """Torch RNG seeded from (seed, epoch) inside, the caller's RNG state restored outside."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + epoch) % 2**63)
+        yield
+
+
+def _check_resume_params(params: TrainParams, info: CheckpointInfo) -> None:
+    saved = info.train_params or {}
+    current = params.model_dump(mode="json")
+    changed = sorted(
+        key for key in current if key not in RESUMABLE_CHANGES and key in saved and saved[key] != current[key]
+    )
+    if changed:
+        details = ", ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
+        raise TrainingError(
+            f"{info.path}: cannot resume with different training parameters ({details}); only "
+            f"{sorted(RESUMABLE_CHANGES)} may change"
+        )
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file (empty when absent); a malformed line is an error naming it."""
+    if not path.is_file():
+        return []
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TrainingError(f"{path}:{number}: not a JSON line: {exc}") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise TrainingError(f"{path}:{number}: expected an object with an integer 'epoch'")
+        records.append(record)
+    return records
+
+
+def write_metrics_log(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrite the whole log atomically (it is small), so it never holds a half line."""
+    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+    with atomic_output(path) as tmp_path:
+        tmp_path.write_text(text)
+
+
+def _autocast_dtype(params: TrainParams, device: torch.device) -> torch.dtype | None:
+    if not params.amp or device.type != "cuda":
+        return None
+    if params.amp_dtype == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def train(
+    params: TrainParams,
+    *,
+    features_dir: str | Path,
+    train_captions: str | Path,
+    val_captions: str | Path,
+    vocab_path: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train `params.model` on the training pairs, validating on `val_captions` after every epoch.
+
+    Launched by `torchrun`, every process calls this; the batch is split across ranks (see
+    `pipeline.distributed`) and rank 0 writes the outputs. `device` overrides `params.device`.
+    """
+    context = init_distributed(device or params.device)
+    try:
+        return _train(
+            params,
+            context=context,
+            features_dir=Path(features_dir),
+            train_captions=Path(train_captions),
+            val_captions=Path(val_captions),
+            vocab_path=Path(vocab_path),
+            paths=RunPaths(Path(out_dir)),
+            resume=resume,
+            progress=progress,
+            cache_dir=cache_dir,
+            console=console,
+        )
+    finally:
+        shutdown(context)
+
+
+def _train(
+    params: TrainParams,
+    *,
+    context: DistributedContext,
+    features_dir: Path,
+    train_captions: Path,
+    val_captions: Path,
+    vocab_path: Path,
+    paths: RunPaths,
+    resume: bool,
+    progress: bool,
+    cache_dir: str | Path | None,
+    console: Console | None,
+) -> TrainResult:
+    device = context.device
+    say = (console or Console()).print if context.is_main and progress else (lambda *args, **kwargs: None)
+
+    # ---- where to start
+    resume_info: CheckpointInfo | None = None
+    if resume:
+        if not is_checkpoint(paths.last):
+            raise TrainingError(f"{paths.last}: no checkpoint to resume from (start without --resume)")
+        resume_info = read_checkpoint_info(paths.last)
+        if resume_info.model_name != params.model:
+            raise TrainingError(
+                f"{paths.last}: checkpoint is model variant {resume_info.model_name!r}, "
+                f"params ask for {params.model!r}"
+            )
+        _check_resume_params(params, resume_info)
+        if resume_info.epoch >= params.epochs:
+            say(
+                f"{paths.last}: already trained for {resume_info.epoch} of {params.epochs} epochs; "
+                "nothing to do"
+            )
+            history = read_metrics_log(paths.metrics)
+            best = read_checkpoint_info(paths.best) if is_checkpoint(paths.best) else None
+            return TrainResult(
+                out_dir=paths.out_dir,
+                start_epoch=resume_info.epoch,
+                epochs_completed=resume_info.epoch,
+                best_epoch=best.epoch if best else None,
+                best_rsum=best.metrics.get("rsum") if best else None,
+                history=history,
+                nothing_to_do=True,
+            )
+    elif is_checkpoint(paths.last):
+        raise TrainingError(
+            f"{paths.last}: the output directory already holds a training run; pass --resume to continue it "
+            "or choose another output directory"
+        )
+    start_epoch = resume_info.epoch if resume_info else 0
+
+    # ---- inputs (cheap checks first, the feature-table conversion last)
+    if not vocab_path.is_file():
+        raise TrainingError(f"{vocab_path}: vocabulary file not found")
+    vocab = Vocabulary.load(vocab_path)
+    train_table = read_captions(train_captions)
+    val_table = read_captions(val_captions)
+    if context.local_rank == 0:
+        table = open_feature_table(features_dir, cache_dir)
+    barrier(context)
+    if context.local_rank != 0:
+        table = open_feature_table(features_dir, cache_dir)
+    try:
+        caption_rows = map_image_ids(
+            table, train_table.image_ids, captions_source=train_captions, features_source=features_dir
+        )
+        val_layout = evaluation_layout(
+            table,
+            val_table,
+            captions_source=val_captions,
+            features_source=features_dir,
+            max_images=params.val_max_images,
+        )
+    except DataError as exc:
+        raise TrainingError(str(exc)) from exc
+    train_tokens = tokenize_captions(train_table.captions, vocab, source=train_captions)
+    val_tokens = tokenize_captions(val_layout.captions, vocab, source=val_captions)
+    del train_table, val_table
+    dataset = PairDataset(table, caption_rows, train_tokens)
+    try:
+        sampler = EpochBatchSampler(
+            len(dataset),
+            params.batch_size,
+            seed=params.seed,
+            rank=context.rank,
+            world_size=context.world_size,
+        )
+    except ValueError as exc:
+        raise TrainingError(f"{train_captions}: {exc}") from exc
+    loader = pair_loader(dataset, sampler, num_workers=params.num_workers, pin_memory=device.type == "cuda")
+
+    # ---- model, optimizer, scaler
+    if resume_info is not None:
+        model, _ = load_checkpoint(paths.last, expect_model=params.model)
+        if model.config.vocab_size != len(vocab) or model.config.img_dim != table.feature_dim:
+            raise TrainingError(
+                f"{paths.last}: checkpoint has vocab_size {model.config.vocab_size} / img_dim "
+                f"{model.config.img_dim}, inputs have {len(vocab)} ({vocab_path}) / "
+                f"{table.feature_dim} ({features_dir})"
+            )
+    else:
+        model = build_seeded_model(params, vocab_size=len(vocab), img_dim=table.feature_dim)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+    autocast_dtype = _autocast_dtype(params, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    if resume_info is not None:
+        try:
+            load_optimizer_state(optimizer, paths.last)
+        except CheckpointError as exc:
+            raise TrainingError(str(exc)) from exc
+        scaler_state = resume_info.extra.get("grad_scaler")
+        if scaler.is_enabled() and scaler_state:
+            scaler.load_state_dict(scaler_state)
+    step_module = wrap_model(
+        ContrastiveStep(model, margin=params.margin, max_violation=params.max_violation, context=context),
+        context,
+    )
+
+    # ---- bookkeeping carried over from an interrupted run
+    history = [r for r in read_metrics_log(paths.metrics) if r["epoch"] <= start_epoch] if resume_info else []
+    best_rsum, best_epoch = -math.inf, None
+    if resume_info is not None and context.is_main:
+        last_rsum = resume_info.metrics.get("rsum", -math.inf)
+        best_info = read_checkpoint_info(paths.best) if is_checkpoint(paths.best) else None
+        if best_info is None or last_rsum > best_info.metrics.get("rsum", -math.inf):
+            copy_checkpoint(paths.last, paths.best)  # the run stopped between writing last and best
+            best_info = read_checkpoint_info(paths.best)
+        best_rsum, best_epoch = best_info.metrics.get("rsum", -math.inf), best_info.epoch
+    if context.is_main:
+        paths.out_dir.mkdir(parents=True, exist_ok=True)
+        say(
+            f"training {params.model} on {len(dataset):,} pairs, {len(sampler)} steps/epoch of "
+            f"{params.batch_size}"
+            f" on {device}"
+            + (f" x {context.world_size} processes" if context.enabled else "")
+            + (f", resuming after epoch {start_epoch}" if start_epoch else "")
+        )
+
+    show = progress and context.is_main
+    with progress_bar(console, unit="batch", disable=not show) as bar:
+        for epoch in range(start_epoch, params.epochs):
+            record = _run_epoch(
+                epoch,
+                params=params,
+                context=context,
+                step_module=step_module,
+                model=model,
+                optimizer=optimizer,
+                scaler=scaler,
+                sampler=sampler,
+                loader=loader,
+                autocast_dtype=autocast_dtype,
+                bar=bar if show else None,
+            )
+            if context.is_main:
+                val_start = time.perf_counter()
+                val_scores = model_scores(
+                    model,
+                    table,
+                    val_layout.image_rows,
+                    val_tokens,
+                    batch_size=params.encode_batch_size,
+                    block_size=params.val_block_size,
+                    device=device,
+                    progress=bar if show else None,
+                    autocast_dtype=autocast_dtype,
+                    keep_tasks=False,
+                )
+                val_metrics = retrieval_metrics(val_scores, val_layout.captions_per_image)
+                record.update({f"val_{key}": value for key, value in val_metrics.items()})
+                record["val_time_s"] = time.perf_counter() - val_start
+                record["val_images"] = val_layout.num_images
+                history.append(record)
+                write_metrics_log(paths.metrics, history)
+                checkpoint_metrics = {**val_metrics, "train_loss": record["train_loss"]}
+                save_checkpoint(
+                    paths.last,
+                    model,
+                    model_name=params.model,
+                    model_config=model.config,
+                    epoch=epoch + 1,
+                    optimizer=optimizer,
+                    lr=record["lr"],
+                    metrics=checkpoint_metrics,
+                    rng_state={
+                        "seed": params.seed,
+                        "rule": "epoch order and torch RNG derived from (seed, epoch)",
+                        "torch_cpu": bytes_to_json(torch.get_rng_state()),
+                    },
+                    train_params=params,
+                    vocab_path=vocab_path,
+                    extra={
+                        "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                        "world_size": context.world_size,
+                    },
+                )
+                improved = val_metrics["rsum"] > best_rsum
+                if improved:
+                    best_rsum, best_epoch = val_metrics["rsum"], epoch + 1
+                    copy_checkpoint(paths.last, paths.best)
+                say(
+                    f"epoch {epoch + 1}/{params.epochs}: loss {record['train_loss']:.4f}  "
+                    f"lr {record['lr']:.2e}  "
+                    f"val rsum {val_metrics['rsum']:.1f} (i2t R@1 {val_metrics['i2t_r1']:.1f}, t2i R@1 "
+                    f"{val_metrics['t2i_r1']:.1f})" + ("  [best]" if improved else "")
+                )
+            barrier(context)
+
+    return TrainResult(
+        out_dir=paths.out_dir,
+        start_epoch=start_epoch,
+        epochs_completed=params.epochs,
+        best_epoch=best_epoch,
+        best_rsum=None if best_epoch is None else best_rsum,
+        history=history,
+    )
+
+
+def _run_epoch(
+    epoch: int,
+    *,
+    params: TrainParams,
+    context: DistributedContext,
+    step_module: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    sampler: EpochBatchSampler,
+    loader: torch.utils.data.DataLoader,
+    autocast_dtype: torch.dtype | None,
+    bar: Progress | None,
+) -> dict[str, Any]:
+    """One pass over the epoch's batches; returns the epoch's log record (without validation)."""
+    device = context.device
+    lr = learning_rate(params, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sampler.set_epoch(epoch)
+    model.train()
+    task = bar.add_task(f"epoch {epoch + 1}/{params.epochs}", total=len(sampler), info="") if bar else None
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
+    started = time.perf_counter()
+    amp = (
+        torch.autocast(device_type="cuda", dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else nullcontext()
+    )
+    with epoch_rng(params.seed, epoch, device):
+        for batch in loader:
+            batch = batch.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with amp:
+                loss = step_module(
+                    batch.region_features, batch.region_lengths, batch.token_ids, batch.caption_lengths
+                )
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().double()
+            steps += 1
+            if bar is not None and task is not None:
+                info = ""
+                if steps % LOSS_DISPLAY_EVERY == 0 or steps == len(sampler):
+                    info = f"loss {float(loss_sum) / steps:.4f}"
+                    if not math.isfinite(float(loss_sum)):
+                        raise TrainingError(
+                            f"epoch {epoch + 1}, step {steps}: the loss is not finite (diverged)"
+                        )
+                bar.update(task, advance=1, **({"info": info} if info else {}))
+    if bar is not None and task is not None:
+        bar.remove_task(task)
+    mean_loss = float(loss_sum) / max(steps, 1)
+    if not math.isfinite(mean_loss):
+        raise TrainingError(f"epoch {epoch + 1}: the training loss is not finite (diverged)")
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": all_reduce_mean(mean_loss, context),
+        "steps": steps,
+        "epoch_time_s": time.perf_counter() - started,
+        "pairs_per_s": steps * params.batch_size / max(time.perf_counter() - started, 1e-9),
+    }
