@@ -1,23 +1,28 @@
-# scan-pipe for GPU hosts: `docker build -t scan-pipe .`, then see docs/PIPELINE.md ("Docker").
+# scan-pipe for GPU hosts: `docker build -t scan-pipe .`, then see README.md ("Docker").
 #
-# Base: a slim Python image rather than nvidia/cuda. torch 2.11.0's PyPI wheel (and torchvision's) bring their
-# own CUDA runtime, cuDNN, cuBLAS and NCCL as nvidia-* wheels, so a CUDA base image would only add a second,
-# unused copy of the same libraries (several GB). The host needs an NVIDIA driver new enough for that CUDA
-# release and the NVIDIA Container Toolkit (`docker run --gpus all`); nothing CUDA is needed in the image.
-FROM python:3.11-slim-bookworm
+# Base: NVIDIA's CUDA runtime image for the CUDA release torch 2.11.0's PyPI wheels are built for (13.0), so
+# the NVIDIA Container Toolkit (`docker run --gpus all`) finds its labels and a driver-compatible runtime.
+# torch's wheels still bring their own cuDNN/cuBLAS/NCCL (nvidia-* wheels), which are the ones it loads.
+# Override CUDA_IMAGE to pin a newer patch release of the same line.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    DVC_NO_ANALYTICS=1
+    DVC_NO_ANALYTICS=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
-# git: DVC needs it for `dvc repro` bookkeeping and `dvc exp`. libglib2.0-0: OpenCV's runtime dependency.
-# Debian package versions are not pinned: bookworm-security replaces them, and pinned versions would break
-# the build instead of taking the security fixes.
+# python3 (3.12 on Ubuntu 24.04) in a virtual environment (the system one is externally managed); git: DVC
+# needs it for `dvc repro` bookkeeping and `dvc exp`; libglib2.0-0: OpenCV's runtime dependency. Ubuntu
+# package versions are not pinned: security updates replace them, and pinned versions would break the build
+# instead of taking the fixes.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git libglib2.0-0 \
+    && apt-get install -y --no-install-recommends git python3 python3-venv libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
     && git config --system --add safe.directory /workspace \
     && git config --system user.name scan-pipe \
     && git config --system user.email scan-pipe@localhost

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.captions import CaptionTable
 from pipeline.store import FeatureStore, RegionFeatureTable
+from pipeline.workers import worker_context
 
 
 class DataError(ValueError):
@@ -400,6 +401,7 @@ def pair_loader(
         collate_fn=collate_pairs,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
 
 
@@ -414,6 +416,7 @@ def image_loader(
         collate_fn=collate_images,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
 
 
@@ -439,4 +442,5 @@ def caption_loader(
         collate_fn=collate_captions,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )

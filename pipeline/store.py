@@ -54,6 +54,15 @@ MMAP_FORMAT_VERSION = 1
 # Arrow `list<>` offsets are int32: the flat features of one part must stay below this many values.
 _MAX_LIST_VALUES = 2**31 - 1
 
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
 FeatureDtype = Literal["float16", "float32"]
 DuplicatePolicy = Literal["error", "keep_first"]
 
@@ -73,6 +82,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp_name)
+    # mkstemp creates 0600; results are shared (CI artifacts, DVC cache): honour the umask as open() does.
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

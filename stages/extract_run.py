@@ -61,6 +61,7 @@ from pipeline.store import (
     atomic_output,
     list_parts,
 )
+from pipeline.workers import worker_context
 
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -589,6 +590,9 @@ def _extract_share(
         num_workers=params.num_workers,
         collate_fn=collate_items,
         worker_init_fn=_worker_init if params.num_workers > 0 else None,
+        # Not fork: a process that already ran OpenCV or torch thread pools can deadlock its forked children
+        # (seen: a worker hung in cv2.setNumThreads). forkserver starts workers from a clean process.
+        multiprocessing_context=worker_context() if params.num_workers > 0 else None,
     )
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
