@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.store import atomic_output
+from pipeline.atomic import atomic_output
 
 CAPTIONS_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string(), nullable=False), pa.field("caption", pa.string(), nullable=False)]

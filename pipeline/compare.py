@@ -38,16 +38,9 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import yaml
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+
+from pipeline.atomic import write_text_atomic
+from pipeline.progress import progress_bar
 
 MANIFEST_KIND = "scan_pipe_feature_manifest"
 MANIFEST_VERSION = 1
@@ -552,27 +545,6 @@ def open_feature_store(path: str | Path) -> _Store:
         raise CompareError(f"{path}: cannot open feature store: {exc}") from exc
 
 
-class _RateColumn(ProgressColumn):
-    """Items per second (rich's built-in speed column counts bytes)."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-" if speed is None else f"{speed:,.1f} img/s", style="progress.data.speed")
-
-
-def progress_bar(*, enabled: bool = True) -> Progress:
-    """A rich progress bar with count, rate and ETA (disabled: renders nothing, e.g. in JSON mode)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=True,
-    )
-
-
 def build_feature_manifest(
     store: _Store,
     root: str | Path,
@@ -610,7 +582,7 @@ def build_feature_manifest(
     dtypes: set[str] = set()
 
     records: Iterable[_Record] = store.iter_records(batch_rows=batch_rows)
-    with progress_bar(enabled=progress) as bar:
+    with progress_bar("img", disable=not progress, transient=True) as bar:
         task = bar.add_task(f"manifest {root.name}", total=len(store))
         pending: dict[str, list[np.ndarray]] = {name: [] for name in stats}
 
@@ -687,21 +659,7 @@ def build_feature_manifest(
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary file in the same directory, then rename: never half a file."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2, sort_keys=False, allow_nan=False)
-            stream.write("\n")
-        os.chmod(temporary, 0o644)  # a baseline meant to be committed and read by CI, not mkstemp's 0600
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

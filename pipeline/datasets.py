@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.atomic import atomic_output
 from pipeline.captions import write_captions
-from pipeline.store import atomic_output
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 KNOWN_DATASETS: tuple[str, ...] = ("sample", "flickr30k", "coco")

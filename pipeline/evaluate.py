@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.store import atomic_output
+from pipeline.atomic import atomic_output
 
 Protocol = Literal["flickr30k_1k", "coco_1k", "coco_5k"]
 PROTOCOLS: tuple[str, ...] = ("flickr30k_1k", "coco_1k", "coco_5k")

@@ -19,16 +19,8 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
-from rich.text import Text
 from torch import Tensor, nn
 
 from pipeline.captions import read_captions
@@ -53,6 +45,7 @@ from pipeline.evaluate import (
     retrieval_ranks,
 )
 from pipeline.models.ensemble import average_scores
+from pipeline.progress import progress_bar
 from pipeline.store import RegionFeatureTable
 from pipeline.vocab import Vocabulary
 
@@ -60,36 +53,6 @@ from pipeline.vocab import Vocabulary
 # (to its longest caption; chunks are length-sorted) stays cheap.
 SCORE_CHUNK_CAPTIONS = 2048
 RANKS_TOP_K = 10
-
-
-class RateColumn(ProgressColumn):
-    """Items per second of a task (rich has ETA and elapsed columns, but no plain rate)."""
-
-    def __init__(self, unit: str = "it") -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        if speed is None:
-            return Text(f"- {self.unit}/s", style="progress.data.speed")
-        return Text(f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
-
-
-def progress_bar(console: Console | None = None, *, unit: str = "it", disable: bool = False) -> Progress:
-    """The project's progress bar: description, bar, count, rate, elapsed, ETA and a free `info` field."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(unit),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=disable,
-    )
 
 
 class _Tracker:
@@ -412,7 +375,7 @@ def evaluate_run(
         )
 
     members: list[Tensor] = []
-    with progress_bar(console, unit="it", disable=not progress) as bar:
+    with progress_bar("it", console=console, disable=not progress) as bar:
         for info, (vocab, vocab_file) in zip(infos, vocabularies, strict=True):
             model, _ = load_checkpoint(info.path, map_location=target)
             tokens = tokenize_captions(layout.captions, vocab, source=vocab_file)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.captions import write_captions
-from pipeline.store import FeatureDtype, FeatureStoreWriter, RegionRecord, list_parts, make_progress
+from pipeline.progress import progress_bar
+from pipeline.store import FeatureDtype, FeatureStoreWriter, RegionRecord, list_parts
 
 CAPTIONS_FILE = "captions.parquet"
 
@@ -145,7 +146,7 @@ def import_precomp(
     image_ids = [f"{split}/{index:06d}" for index in range(num_images)]
     zero_boxes = np.zeros((regions, 4), dtype=np.float32)
     try:
-        with make_progress(disable=not progress) as bar:
+        with progress_bar("images", disable=not progress) as bar:
             task = bar.add_task(f"import {split}", total=num_images)
             for start in range(0, num_images, chunk_images):
                 stop = min(start + chunk_images, num_images)

@@ -15,16 +15,14 @@ detector) learned anything at all.
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import html
 import io
 import json
 import math
-import os
 import re
 import textwrap
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,19 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.store import atomic_output
-
-# Report files are meant to be read by others (CI artifacts, a web server): not the 0600 of a bare mkstemp.
-PUBLISHED_FILE_MODE = 0o644
-
-
-@contextlib.contextmanager
-def _published_output(path: Path) -> Iterator[Path]:
-    """`atomic_output` whose file ends up world-readable."""
-    with atomic_output(path) as temporary:
-        yield temporary
-        os.chmod(temporary, PUBLISHED_FILE_MODE)
-
+from pipeline.atomic import atomic_output
 
 RECALL_KS = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
@@ -353,8 +339,8 @@ def recall_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
 
 
 def load_published_results() -> dict[str, Any]:
-    """The paper numbers bundled with the package (`pipeline/data/published_results.json`)."""
-    text = resources.files("pipeline").joinpath("data/published_results.json").read_text()
+    """The paper numbers bundled with the package (`pipeline/resources/published_results.json`)."""
+    text = resources.files("pipeline").joinpath("resources/published_results.json").read_text()
     return json.loads(text)
 
 
@@ -387,7 +373,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def _save_figure(figure: Any, path: Path) -> None:
-    with _published_output(path) as temporary:
+    with atomic_output(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
 
 
@@ -419,7 +405,7 @@ def plot_training_curves(curves: Mapping[str, list[float]], path: Path) -> None:
     figure, (loss_axis, rsum_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     epochs = curves["epoch"]
     for axis, key, title, colour in (
-        (loss_axis, "train_loss", "training loss (hardest-negative triplet)", "tab:red"),
+        (loss_axis, "train_loss", "training loss (triplet, summed over the batch)", "tab:red"),
         (rsum_axis, "val_rsum", "validation rsum", "tab:blue"),
     ):
         values = curves.get(key) or []
@@ -633,7 +619,7 @@ def draw_retrieval_example(
     for tile in tiles:
         canvas.paste(tile, (x, margin + text_height))
         x += tile.width + gap
-    with _published_output(path) as temporary:
+    with atomic_output(path) as temporary:
         canvas.save(temporary, format="PNG", optimize=True)
 
 
@@ -906,7 +892,7 @@ def _paper_blocks(inputs: ReportInputs, published: Mapping[str, Any]) -> list[Bl
     blocks: list[Block] = [
         Heading("Published results"),
         Paragraph(
-            f"Source: {published.get('source', 'pipeline/data/published_results.json')} "
+            f"Source: {published.get('source', 'pipeline/resources/published_results.json')} "
             "The papers report R@K only; rsum is the paper's where stated, else the sum of the six recalls."
         ),
     ]
@@ -942,12 +928,12 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    with _published_output(path) as temporary:
+    with atomic_output(path) as temporary:
         temporary.write_text(buffer.getvalue())
 
 
 def _write_text(path: Path, text: str) -> None:
-    with _published_output(path) as temporary:
+    with atomic_output(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
 
 

@@ -14,26 +14,16 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+
+from pipeline.atomic import write_bytes_atomic
+from pipeline.progress import progress_bar
 
 SHAPES: dict[str, tuple[str, ...]] = {
     # canonical name -> synonyms used in captions (the first one is the canonical word)
@@ -112,14 +102,6 @@ class SampleSummary:
     images_dir: Path
     num_images: dict[str, int]
     num_captions: int
-
-
-class ImagesPerSecondColumn(ProgressColumn):
-    """Rate column for counts of images (rich's built-in speed column formats bytes)."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
@@ -359,18 +341,6 @@ def scene_captions(rng: np.random.Generator, scene: SampleScene, image_size: int
 # -- writing -------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def encode_jpeg(image: Image.Image) -> bytes:
     """JPEG bytes with the fixed encoder settings (no timestamps or other varying metadata)."""
     buffer = io.BytesIO()
@@ -406,21 +376,13 @@ def generate_sample(
     rng = np.random.default_rng(seed)
     entries = []
     sentence_id = 0
-    columns = (
-        TextColumn("[bold]sample"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ImagesPerSecondColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not show_progress, transient=False) as progress:
+    with progress_bar("img", disable=not show_progress) as progress:
         task = progress.add_task("sample", total=len(splits))
         for image_index, split in enumerate(splits):
             scene = random_scene(rng, image_size, max_objects)
             image = render_scene(rng, scene, image_size)
             filename = f"sample_{image_index:06d}.jpg"
-            _atomic_write_bytes(images_dir / filename, encode_jpeg(image))
+            write_bytes_atomic(images_dir / filename, encode_jpeg(image))
             captions = scene_captions(rng, scene, image_size)
             sentences = []
             for caption in captions:
@@ -464,7 +426,7 @@ def generate_sample(
             progress.advance(task)
     dataset = {"dataset": "sample", "seed": seed, "image_size": image_size, "images": entries}
     dataset_json = out_dir / "dataset.json"
-    _atomic_write_bytes(dataset_json, (json.dumps(dataset, sort_keys=True, indent=1) + "\n").encode("utf-8"))
+    write_bytes_atomic(dataset_json, (json.dumps(dataset, sort_keys=True, indent=1) + "\n").encode("utf-8"))
     return SampleSummary(
         dataset_json=dataset_json,
         images_dir=images_dir,

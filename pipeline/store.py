@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +33,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+
+from pipeline.atomic import atomic_output
+from pipeline.progress import progress_bar
 
 METADATA_KEY = b"scan_pipe"
 PART_PATTERN = re.compile(r"^part-(?P<shard>[A-Za-z0-9_.]+)-(?P<index>\d{5,})\.parquet$")
@@ -55,67 +46,12 @@ MMAP_FORMAT_VERSION = 1
 _MAX_LIST_VALUES = 2**31 - 1
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
 FeatureDtype = Literal["float16", "float32"]
 DuplicatePolicy = Literal["error", "keep_first"]
 
 
 class FeatureStoreError(ValueError):
     """A feature store directory or part file is missing or invalid; the message names the path."""
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to it; on success it atomically replaces `path`, on failure it is removed.
-
-    Readers never see a half-written file: the temporary name starts with a dot and ends in `.tmp`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    # mkstemp creates 0600; results are shared (CI artifacts, DVC cache): honour the umask as open() does.
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-
-
-class RateColumn(ProgressColumn):
-    """Items per second of a rich progress task."""
-
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
-
-
-def make_progress(unit: str = "images", *, disable: bool = False) -> Progress:
-    """A rich progress bar showing count, rate and ETA (used by the store's long loops and importers)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(unit),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=disable,
-    )
 
 
 @dataclass
@@ -589,7 +525,7 @@ class FeatureStore:
                 atomic_output(target) as tmp_path,
                 pa.OSFile(str(tmp_path), "wb") as sink,
                 pa.ipc.new_file(sink, schema) as writer,
-                make_progress(disable=not progress) as bar,
+                progress_bar("images", disable=not progress) as bar,
             ):
                 task = bar.add_task("memory-map features", total=len(self))
                 for batch in self.iter_batches(batch_rows=256):

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import Tensor, nn
 
+from pipeline.atomic import atomic_output
 from pipeline.captions import read_captions
 from pipeline.checkpoint import (
     CheckpointError,
@@ -63,11 +64,11 @@ from pipeline.distributed import (
     wrap_model,
 )
 from pipeline.evaluate import retrieval_metrics
-from pipeline.inference import model_scores, progress_bar
+from pipeline.inference import model_scores
 from pipeline.models.losses import hardest_negative_triplet_loss
 from pipeline.models.registry import create_model
 from pipeline.params import TrainParams
-from pipeline.store import atomic_output
+from pipeline.progress import progress_bar
 from pipeline.vocab import Vocabulary
 
 # Params that may change when a run is resumed: they do not alter the optimisation.
@@ -418,7 +419,7 @@ def _train(
         )
 
     show = progress and context.is_main
-    with progress_bar(console, unit="batch", disable=not show) as bar:
+    with progress_bar("batch", console=console, disable=not show) as bar:
         for epoch in range(start_epoch, params.epochs):
             record = _run_epoch(
                 epoch,

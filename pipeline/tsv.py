@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import atomic_output
+from pipeline.progress import progress_bar
 from pipeline.store import (
     FeatureDtype,
     FeatureStore,
     FeatureStoreWriter,
     RegionRecord,
-    atomic_output,
-    make_progress,
 )
 
 TSV_FIELDS: tuple[str, ...] = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
@@ -56,7 +56,7 @@ def export_tsv(store: FeatureStore | str | Path, path: str | Path, *, progress: 
     with (
         atomic_output(path) as tmp_path,
         tmp_path.open("w", newline="") as handle,
-        make_progress(disable=not progress) as bar,
+        progress_bar("images", disable=not progress) as bar,
     ):
         task = bar.add_task(f"export {path.name}", total=len(store))
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
@@ -153,7 +153,7 @@ def import_tsv(
         FeatureStoreWriter(
             out_root, shard=shard, feature_dtype=feature_dtype, rows_per_part=rows_per_part, metadata=info
         ) as writer,
-        make_progress(disable=not progress) as bar,
+        progress_bar("images", disable=not progress) as bar,
     ):
         task = bar.add_task(f"import {path.name}", total=None)
         for record in read_tsv(path):

@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel, WordPiece
 
-from pipeline.store import atomic_output
+from pipeline.atomic import atomic_output
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, START, END, UNK)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.atomic import atomic_output
 from pipeline.captions import CaptionsError
 from pipeline.checkpoint import CheckpointError
 from pipeline.data import DataError
@@ -18,7 +19,7 @@ from pipeline.distributed import DeviceError
 from pipeline.evaluate import METRIC_KEYS, ranks_table, write_metrics_json, write_ranks_parquet
 from pipeline.inference import EvaluationError, EvaluationRun, evaluate_run
 from pipeline.params import EvaluateParams
-from pipeline.store import FeatureStoreError, atomic_output
+from pipeline.store import FeatureStoreError
 from pipeline.vocab import VocabularyError
 from stages._stage_params import fail, stage_section
 

@@ -32,17 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
 from extractors.bua.config import DetectorConfig
@@ -51,14 +40,15 @@ from extractors.bua.detector import read_vocabulary as read_vocabulary_lines
 from extractors.bua.preprocess import MIN_BLOB_SIDE, compute_scale, scaled_size
 from extractors.bua.weights import WEIGHTS_NOT_GIVEN_MESSAGE, load_weights
 from pipeline import __version__ as PACKAGE_VERSION
+from pipeline.atomic import atomic_output
 from pipeline.images import ImageDecodeError, ImageListError, list_images, load_image, read_image_list
 from pipeline.params import ExtractParams
+from pipeline.progress import progress_bar
 from pipeline.store import (
     FeatureStore,
     FeatureStoreError,
     FeatureStoreWriter,
     RegionRecord,
-    atomic_output,
     list_parts,
 )
 from pipeline.workers import worker_context
@@ -385,14 +375,6 @@ class ExtractSummary:
         return asdict(self)
 
 
-class _RateColumn(ProgressColumn):
-    """images/s from rich's moving-window speed estimate."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- images/s" if speed is None else f"{speed:.2f} images/s", style="progress.data.speed")
-
-
 @dataclass
 class DistributedContext:
     """Rank, world size and whether this run created the process group (and so must destroy it)."""
@@ -594,17 +576,7 @@ def _extract_share(
         # (seen: a worker hung in cv2.setNumThreads). forkserver starts workers from a clean process.
         multiprocessing_context=worker_context() if params.num_workers > 0 else None,
     )
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=context.rank != 0,
-    )
+    progress = progress_bar("images", console=console, disable=context.rank != 0)
     label = "extracting" if context.world_size == 1 else f"extracting (rank 0 of {context.world_size})"
 
     def record_error(item: ImageItem, kind: str, reason: str, exception: str) -> None:

@@ -122,7 +122,8 @@ def stage_command_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
 
 
 def _is_code_path(path: str) -> bool:
-    return path.split("/")[0] in CODE_PACKAGES
+    """A module or package directory (data files shipped in a package, e.g. pipeline/resources/, are not)."""
+    return path.split("/")[0] in CODE_PACKAGES and (path.endswith(".py") or path.endswith("/"))
 
 
 def _covered(path: str, deps: list[str]) -> bool:
@@ -172,6 +173,11 @@ def test_code_dependencies_are_exactly_the_imported_modules() -> None:
         assert not missing, f"stage {name} imports {missing} but dvc.yaml does not list them in its deps"
         unused = sorted(dep for dep in code_deps if not any(_covered(path, [dep]) for path in closure))
         assert not unused, f"stage {name} lists {unused} in its deps but never imports them"
+
+
+def test_report_depends_on_the_bundled_paper_numbers() -> None:
+    deps = _path_entries(load_dvc_yaml()["stages"]["report"].get("deps"))
+    assert "pipeline/resources/published_results.json" in deps
 
 
 def test_each_stage_tracks_its_own_params_section() -> None:
