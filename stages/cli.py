@@ -20,6 +20,7 @@ STAGE_MODULES = (
     "stages.prepare",
     "stages.extract",
     "stages.weights",
+    "stages.features",
     "stages.import_precomp",
     "stages.tokenize",
     "stages.train",

@@ -16,7 +16,14 @@ from extractors.bua.detector import BottomUpAttentionDetector, name_regions, rea
 from extractors.bua.preprocess import compute_scale, feature_size, image_blob
 from extractors.bua.proposals import greedy_nms
 from extractors.bua.roi_head import RoIHeadOutput, roi_feature_coords
-from extractors.bua.selection import _pack_bits, _sweep_numpy, _sweep_torch, select_regions
+from extractors.bua.selection import (
+    _pack_bits,
+    _sweep_numpy,
+    _sweep_torch,
+    per_class_max_conf,
+    per_class_max_conf_batch,
+    select_regions,
+)
 from extractors.bua.weights import load_into
 
 IMAGES = ("landscape_500x375", "portrait_333x502", "wide_900x240")
@@ -306,3 +313,23 @@ def test_vocabulary_names(tmp_path: Path, tiny_detector: BottomUpAttentionDetect
         name_regions(regions, object_vocab=["only-one"])
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         read_vocabulary(tmp_path / "missing.txt")
+
+
+def test_batched_sweep_equals_per_image_selection(bua_fixtures: Path) -> None:
+    """The accelerator path (one sweep over all images' classes) gives the CPU path's max_conf exactly,
+    on the fixture's three images (all selection branches) batched together with a ragged, shorter one."""
+    boxes, probs = [], []
+    for name in IMAGES:
+        exp = expected(bua_fixtures, name)
+        boxes.append(torch.from_numpy(exp["proposals_orig"]))
+        probs.append(torch.from_numpy(exp["cls_prob"]))
+    boxes.append(boxes[0][:123])  # fewer proposals: padding must neither keep nor suppress anything
+    probs.append(probs[0][:123])
+    batched = per_class_max_conf_batch(boxes, probs, 0.3)
+    for image_boxes, image_prob, (conf, conf_class) in zip(boxes, probs, batched, strict=True):
+        expected_conf, expected_class = per_class_max_conf(image_boxes, image_prob, 0.3)
+        assert torch.equal(conf, expected_conf)
+        assert torch.equal(conf_class, expected_class)
+    for name, (conf, _) in zip(IMAGES, batched, strict=False):
+        reference = expected(bua_fixtures, name)["max_conf"]
+        np.testing.assert_array_equal(conf.numpy().astype(np.float64), reference)

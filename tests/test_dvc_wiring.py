@@ -198,13 +198,18 @@ def test_metrics_and_plots_are_declared() -> None:
     metrics = [entry for stage in stages.values() for entry in stage.get("metrics", [])]
     assert any(next(iter(entry)).endswith("metrics.json") for entry in metrics)
     assert all(isinstance(entry, dict) and next(iter(entry.values()))["cache"] is False for entry in metrics)
-    plots = {
-        next(iter(entry)): next(iter(entry.values())) for s in stages.values() for entry in s.get("plots", [])
-    }
-    assert any(path.endswith("metrics.jsonl") for path in plots), "training curves are not declared as plots"
-    for path, spec in plots.items():
-        if path.endswith((".json", ".jsonl", ".csv", ".tsv")):
-            assert spec.get("x") and spec.get("y"), f"plot {path} needs x and y fields"
+    top_level = load_dvc_yaml().get("plots", [])
+    # DVC plots read json/csv/tsv/yaml files (not JSON lines): every plot names such files and its x field.
+    plotted: list[tuple[str, str]] = []
+    for entry in top_level:
+        ((name, spec),) = entry.items()
+        assert spec.get("x"), f"plot {name} needs an x field"
+        for path, field in spec["y"].items():
+            assert path.endswith((".json", ".csv", ".tsv", ".yaml")), f"plot {name}: DVC cannot plot {path}"
+            plotted.append((path, str(field)))
+    assert any("train_loss" in field for _, field in plotted), "no training-loss plot"
+    assert any("val_rsum" in field for _, field in plotted), "no validation-rsum plot"
+    assert any(path.endswith("recall_at_k.csv") for path, _ in plotted), "no recall@K plot"
 
 
 # -- rerun behaviour in a scratch repository ------------------------------------------------------------

@@ -22,7 +22,7 @@ from extractors.bua.config import DetectorConfig
 from extractors.bua.preprocess import check_image, feature_size, image_blob
 from extractors.bua.proposals import ProposalGenerator, Proposals, proposal_layer
 from extractors.bua.roi_head import RoIHeadOutput, RoIHeads
-from extractors.bua.selection import Selection, select_regions, top_labels
+from extractors.bua.selection import Selection, per_class_max_conf_batch, select_regions, top_labels
 
 Precision = Literal["exact", "tf32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("exact", "tf32", "bf16", "fp16")
@@ -184,7 +184,12 @@ class BottomUpAttentionDetector(nn.Module):
             full_nms=full_nms,
         )
 
-    def select(self, boxes_orig: torch.Tensor, cls_prob: torch.Tensor) -> Selection:
+    def select(
+        self,
+        boxes_orig: torch.Tensor,
+        cls_prob: torch.Tensor,
+        max_conf: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Selection:
         cfg = self.config
         return select_regions(
             boxes_orig,
@@ -193,6 +198,7 @@ class BottomUpAttentionDetector(nn.Module):
             nms_thresh=cfg.nms_thresh,
             min_boxes=cfg.min_boxes,
             max_boxes=cfg.max_boxes,
+            max_conf=max_conf,
         )
 
     # ------------------------------------------------------------------------------------------- public API
@@ -242,23 +248,36 @@ class BottomUpAttentionDetector(nn.Module):
                 batch_index = torch.full((props.boxes.shape[0], 1), float(index), device=device)
                 rois.append(torch.cat((batch_index, props.boxes), dim=1))
             heads = self.roi_heads(res4, torch.cat(rois), roi_chunk_size)
-        traces = []
+        image_heads_list: list[RoIHeadOutput] = []
+        boxes_orig_list: list[torch.Tensor] = []
         start = 0
-        for index, (props, im_info, feat_h, feat_w) in enumerate(per_image):
+        for props, im_info, _, _ in per_image:
             count = props.boxes.shape[0]
             rows = slice(start, start + count)
             start += count
-            image_heads = RoIHeadOutput(
-                pool5=heads.pool5[rows],
-                cls_score=heads.cls_score[rows],
-                cls_prob=heads.cls_prob[rows],
-                attr_score=heads.attr_score[rows],
-                attr_prob=heads.attr_prob[rows],
-                attr_embed_index_caffe=heads.attr_embed_index_caffe[rows],
+            image_heads_list.append(
+                RoIHeadOutput(
+                    pool5=heads.pool5[rows],
+                    cls_score=heads.cls_score[rows],
+                    cls_prob=heads.cls_prob[rows],
+                    attr_score=heads.attr_score[rows],
+                    attr_prob=heads.attr_prob[rows],
+                    attr_embed_index_caffe=heads.attr_embed_index_caffe[rows],
+                )
             )
             # float32 division by float32(im_scale), as the reference under NumPy 1.x.
-            boxes_orig = props.boxes / torch.tensor(im_info[2], dtype=torch.float32, device=device)
-            selection = self.select(boxes_orig, image_heads.cls_prob)
+            boxes_orig_list.append(props.boxes / torch.tensor(im_info[2], dtype=torch.float32, device=device))
+        # On an accelerator the per-class NMS of all images runs as one sweep (one step per proposal rank);
+        # on the CPU image by image (numpy), where stacking gains nothing.
+        batch_max_conf: list[tuple[torch.Tensor, torch.Tensor]] | list[None] = [None] * len(per_image)
+        if device.type != "cpu":
+            batch_max_conf = per_class_max_conf_batch(
+                boxes_orig_list, [h.cls_prob for h in image_heads_list], self.config.nms_thresh
+            )
+        traces = []
+        for index, (props, im_info, feat_h, feat_w) in enumerate(per_image):
+            image_heads, boxes_orig = image_heads_list[index], boxes_orig_list[index]
+            selection = self.select(boxes_orig, image_heads.cls_prob, batch_max_conf[index])
             detections = self._regions(images_bgr[index], boxes_orig, image_heads, selection)
             traces.append(
                 ImageTrace(
