@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The fixtures sit in ../shared beside the checkout; SCAN_PIPE_SHARED overrides that.
@@ -33,3 +35,13 @@ def scan_fixtures() -> Path:
 def bua_fixtures() -> Path:
     """Folder of the bottom-up-attention detector fixtures (skips the test when it is absent)."""
     return _require(BUA_FIXTURES)
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models and tensors: torch's intra-op threads only add overhead (and stall badly on a loaded
+    2-core machine, 10-40x slower measured). Modules opt in with `pytest.mark.usefixtures`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

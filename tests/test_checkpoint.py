@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,7 @@ from pipeline.models.registry import create_model
 TINY = {"vocab_size": 23, "img_dim": 12, "embed_size": 8, "word_dim": 6}
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _trained_model_and_optimizer(name: str = "scan_t2i_avg") -> tuple[torch.nn.Module, torch.optim.Adam]:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -38,13 +37,7 @@ ROWS_PER_PART = 2
 TINY = ["--arch", "tiny", "--weights", "random", "--seed", "7", "--batch-size", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny detector is far faster single-threaded on a shared 2-core machine; restore afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _child_env() -> dict[str, str]:

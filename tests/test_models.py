@@ -23,14 +23,7 @@ from pipeline.models import (
 )
 from pipeline.models.encoders import ImageEncoder, TextEncoder, l2norm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a loaded 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 SMALL = {"vocab_size": 30, "img_dim": 20, "embed_size": 16, "word_dim": 8}

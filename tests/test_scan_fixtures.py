@@ -13,14 +13,7 @@ import torch
 from pipeline.models.losses import hardest_negative_triplet_loss
 from pipeline.models.scan import xattn_relevance, xattn_scores
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a loaded 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _load(folder: Path) -> dict:
