@@ -462,11 +462,9 @@ def test_unusual_valid_images_are_extracted_like_cv2_imread(tmp_path: Path) -> N
 # --------------------------------------------------------------------------------- kill, resume, shards
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_rows(
-    image_dir: Path, reference: tuple[Path, object], tmp_path: Path
-) -> None:
-    out = tmp_path / "killed"
-    command = [
+def _extract_command(image_dir: Path, out: Path, *, num_workers: int) -> list[str]:
+    """`scan-pipe extract` of the tiny detector as a child process (float32 rows, small parts)."""
+    return [
         sys.executable,
         "-m",
         "stages.cli",
@@ -481,8 +479,15 @@ def test_resume_after_sigkill_gives_the_uninterrupted_rows(
         "--feature-dtype",
         "float32",
         "--num-workers",
-        "2",
+        str(num_workers),
     ]
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_rows(
+    image_dir: Path, reference: tuple[Path, object], tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    command = _extract_command(image_dir, out, num_workers=2)
     process = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
@@ -540,23 +545,7 @@ def test_two_ranks_equal_a_single_process_run(
     """Two ranks started with the environment `torchrun --nproc-per-node 2` gives them (the launcher itself
     would only add another interpreter start-up to the test), joined through env:// with gloo."""
     out = tmp_path / "sharded"
-    command = [
-        sys.executable,
-        "-m",
-        "stages.cli",
-        "extract",
-        "--images",
-        str(image_dir),
-        "--out",
-        str(out),
-        *TINY,
-        "--rows-per-part",
-        str(ROWS_PER_PART),
-        "--feature-dtype",
-        "float32",
-        "--num-workers",
-        "0",
-    ]
+    command = _extract_command(image_dir, out, num_workers=0)
     port = _free_port()
     processes = []
     for rank in range(2):
