@@ -110,7 +110,7 @@ def generate(workdir: Path, num_images: int, regions: int, dim: int, seed: int) 
     from rich.progress import Progress
 
     from pipeline.captions import write_captions
-    from pipeline.data import open_feature_table
+    from pipeline.loaders import open_feature_table
     from pipeline.store import FeatureStoreWriter, RegionRecord
     from pipeline.vocab import build_vocabulary
 
@@ -148,7 +148,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from pipeline.captions import read_captions
-    from pipeline.data import (
+    from pipeline.loaders import (
         EpochBatchSampler,
         PairDataset,
         map_image_ids,

@@ -29,7 +29,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models.scan import RAW_FEATURE_NORMS, xattn_scores
+from pipeline.models.config import RAW_FEATURE_NORMS
+from pipeline.models.xattn import xattn_scores
 
 SHAPES = {  # images, captions, regions, max words, embedding size
     "flickr30k": (1000, 5000, 36, 12, 1024),

@@ -16,13 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_output
+from pipeline.errors import UserError
 
 CAPTIONS_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string(), nullable=False), pa.field("caption", pa.string(), nullable=False)]
 )
 
 
-class CaptionsError(ValueError):
+class CaptionsError(UserError):
     """A captions table is missing or violates the layout; the message names the file."""
 
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import __version__
+from pipeline.errors import UserError
 
 CHECKPOINT_FORMAT = "scan-pipe-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 VOCAB_FILE = "vocab.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, malformed, or not the one the caller expected; the message names the path."""
 
 
@@ -268,7 +269,7 @@ def _read_tensors(file: Path, map_location: str | torch.device) -> dict[str, tor
 
 def build_model(info: CheckpointInfo) -> nn.Module:
     """Rebuild an untrained model of the checkpoint's variant and config through the registry."""
-    from pipeline.models.registry import create_model
+    from pipeline.models.build import create_model
 
     try:
         return create_model(info.model_name, **info.model_config)

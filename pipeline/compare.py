@@ -41,6 +41,7 @@ import yaml
 
 from pipeline.atomic import write_text_atomic
 from pipeline.progress import progress_bar
+from pipeline.errors import UserError
 
 MANIFEST_KIND = "scan_pipe_feature_manifest"
 MANIFEST_VERSION = 1
@@ -67,7 +68,7 @@ _RECALL_KEY = re.compile(r"(^|[_/.])r\d+$")
 _MEAN_RECALL_KEY = re.compile(r"(^|[_/.])(ar|ari)$")
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """An input cannot be read or the two inputs cannot be compared; the message names the file."""
 
 

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import UserError
+
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -55,7 +57,7 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV) and int(os.environ["WORLD_SIZE"]) > 1
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     """A device string that torch does not understand, or CUDA asked for where there is none."""
 
 

@@ -22,6 +22,8 @@ from pathlib import Path, PurePosixPath
 import cv2
 import numpy as np
 
+from pipeline.errors import UserError
+
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 # Same default limit as Pillow's `Image.MAX_IMAGE_PIXELS` (about 89.5 Mpx, a 1024 MiB 24-bit image / 4 / 3).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -47,11 +49,11 @@ _OTHER_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 
 
-class ImageListError(ValueError):
+class ImageListError(UserError):
     """The images folder or list file is unusable; the message names the path (and line) at fault."""
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError):
     """One image cannot be used. `kind` is a short machine-readable category for the errors file."""
 
     def __init__(self, reason: str, kind: str) -> None:

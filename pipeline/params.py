@@ -8,10 +8,13 @@ instead of a silently ignored setting. Stage commands load their own section wit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import UserError
+from pipeline.models.registry import check_model_options, model_entry, model_option_names
 
 
 class Section(BaseModel):
@@ -83,21 +86,24 @@ class TokenizeParams(Section):
 
 
 class TrainParams(Section):
-    """`scan-pipe train`: SCAN hyperparameters and the optimisation schedule (reference defaults)."""
+    """`scan-pipe train`: the model (a registered name plus its options) and the optimisation schedule.
 
-    model: Literal["scan_t2i_lse", "scan_t2i_avg", "scan_i2t_lse", "scan_i2t_avg"] = "scan_t2i_avg"
-    embed_size: int = Field(1024, ge=1)
-    word_dim: int = Field(300, ge=1)
-    num_layers: int = Field(1, ge=1)
-    bidirectional: bool = True
-    raw_feature_norm: Literal[
-        "softmax", "clipped_l2norm", "l2norm", "clipped", "no_norm", "l1norm", "clipped_l1norm"
-    ] = "clipped_l2norm"
-    # None: the variant's published value (t2i: 9 / 6, i2t: 4 / 5; see the model registry).
-    lambda_softmax: float | None = Field(None, gt=0)
-    lambda_lse: float | None = Field(None, gt=0)
-    no_imgnorm: bool = False
-    no_txtnorm: bool = False
+    Model options are validated by the model's own typed config (`pipeline.models.config`), the one place
+    that holds their defaults and limits; here `None` means "the variant's value" (its registry defaults,
+    then its config's). A wrong option (`raw_feature_norm: l3norm`, `lambda_softmax: -1`) or one the chosen
+    model does not have is an error naming it.
+    """
+
+    model: str = "scan_t2i_avg"
+    embed_size: int | None = None
+    word_dim: int | None = None
+    num_layers: int | None = None
+    bidirectional: bool | None = None
+    raw_feature_norm: str | None = None
+    lambda_softmax: float | None = None  # t2i: 9 / 6, i2t: 4 / 5 (the registry's published values)
+    lambda_lse: float | None = None
+    no_imgnorm: bool | None = None
+    no_txtnorm: bool | None = None
     epochs: int = Field(30, ge=1)
     lr: float = Field(2e-4, gt=0)
     lr_update: int = Field(15, ge=1)
@@ -114,12 +120,44 @@ class TrainParams(Section):
     encode_batch_size: int = Field(128, ge=1)  # images/captions per encoder call during validation
     val_block_size: int | None = Field(None, ge=1)  # scoring block; None: the device's default
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        model_entry(name)  # raises with the list of registered names
+        return name
+
+    @model_validator(mode="after")
+    def _valid_model_options(self) -> TrainParams:
+        options = self.model_options()
+        unknown = sorted(set(options) - set(model_option_names(self.model)))
+        if unknown:
+            raise ValueError(f"model {self.model!r} has no option(s) {', '.join(unknown)}")
+        check_model_options(self.model, options)
+        return self
+
+    def model_options(self) -> dict[str, Any]:
+        """The model options set here (not None): the overrides of the registry's defaults."""
+        return {key: getattr(self, key) for key in MODEL_OPTION_FIELDS if getattr(self, key) is not None}
+
+
+# The TrainParams keys that are model options (passed to the registry), not schedule settings.
+MODEL_OPTION_FIELDS: tuple[str, ...] = (
+    "embed_size",
+    "word_dim",
+    "num_layers",
+    "bidirectional",
+    "raw_feature_norm",
+    "lambda_softmax",
+    "lambda_lse",
+    "no_imgnorm",
+    "no_txtnorm",
+)
+
 
 class EvaluateParams(Section):
     """`scan-pipe evaluate`: protocol and scoring."""
 
     protocol: Literal["flickr30k_1k", "coco_1k", "coco_5k", "all"] = "flickr30k_1k"
-    split: str = "test"
     block_size: int | None = Field(None, ge=1)  # images x captions per scoring block; None: device default
     batch_size: int = Field(128, ge=1)  # images/captions per encoder call
     captions_per_image: int = Field(5, ge=1)
@@ -147,7 +185,7 @@ class Params(Section):
     report: ReportParams = ReportParams()
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """`params.yaml` is missing, unreadable or fails validation; the message names the file and key."""
 
 

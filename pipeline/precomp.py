@@ -21,11 +21,12 @@ import numpy as np
 from pipeline.captions import write_captions
 from pipeline.progress import progress_bar
 from pipeline.store import FeatureDtype, FeatureStoreWriter, RegionRecord, list_parts
+from pipeline.errors import UserError
 
 CAPTIONS_FILE = "captions.parquet"
 
 
-class PrecompError(ValueError):
+class PrecompError(UserError):
     """The precomputed files are missing or inconsistent; the message names the file."""
 
 

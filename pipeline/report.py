@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import atomic_output
+from pipeline.errors import UserError
 
 RECALL_KS = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
@@ -49,7 +50,7 @@ EXAMPLE_TILE_HEIGHT = 220
 EXAMPLE_BOXES_DRAWN = 5
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """An input of the report is missing or malformed; the message names the file."""
 
 

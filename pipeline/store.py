@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_output
 from pipeline.progress import progress_bar
+from pipeline.errors import UserError
 
 METADATA_KEY = b"scan_pipe"
 PART_PATTERN = re.compile(r"^part-(?P<shard>[A-Za-z0-9_.]+)-(?P<index>\d{5,})\.parquet$")
@@ -50,7 +51,7 @@ FeatureDtype = Literal["float16", "float32"]
 DuplicatePolicy = Literal["error", "keep_first"]
 
 
-class FeatureStoreError(ValueError):
+class FeatureStoreError(UserError):
     """A feature store directory or part file is missing or invalid; the message names the path."""
 
 

@@ -4,7 +4,7 @@ The loop follows the reference settings (`../shared/reference/README.md`): Adam,
 gradient-norm clip, hardest-negative triplet loss summed over the batch, model selection on validation rsum.
 
 Exact resume. Everything that influences an epoch is either in the checkpoint (weights, Adam moments and step
-counts, gradient-scaler state) or a pure function of (seed, epoch): the batch order (`pipeline.data`), the
+counts, gradient-scaler state) or a pure function of (seed, epoch): the batch order (`pipeline.loaders`), the
 learning rate, and the torch RNG, re-seeded per epoch inside a forked RNG scope (SCAN itself draws no random
 numbers after initialisation; the scope keeps it that way if a stochastic layer is added). So an interrupted
 run resumed from its last checkpoint ends with the same weights as an uninterrupted one (bit for bit on CPU).
@@ -44,7 +44,7 @@ from pipeline.checkpoint import (
     read_checkpoint_info,
     save_checkpoint,
 )
-from pipeline.data import (
+from pipeline.loaders import (
     DataError,
     EpochBatchSampler,
     PairDataset,
@@ -63,20 +63,21 @@ from pipeline.distributed import (
     shutdown,
     wrap_model,
 )
-from pipeline.evaluate import retrieval_metrics
-from pipeline.inference import model_scores
+from pipeline.metrics import retrieval_metrics
+from pipeline.evaluation import model_scores
 from pipeline.models.losses import hardest_negative_triplet_loss
-from pipeline.models.registry import create_model
+from pipeline.models.build import create_model
 from pipeline.params import TrainParams
 from pipeline.progress import progress_bar
 from pipeline.vocab import Vocabulary
+from pipeline.errors import UserError
 
 # Params that may change when a run is resumed: they do not alter the optimisation.
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "encode_batch_size", "val_block_size"})
 LOSS_DISPLAY_EVERY = 10  # steps between loss read-backs for the progress bar (each one syncs the GPU)
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """Training cannot start or continue; the message names the file or setting at fault."""
 
 
@@ -116,23 +117,8 @@ class TrainResult:
 
 
 def model_overrides(params: TrainParams, *, vocab_size: int, img_dim: int) -> dict[str, Any]:
-    """Registry overrides for `params.model`: sizes and options from params; temperatures only when set."""
-    overrides: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "img_dim": img_dim,
-        "embed_size": params.embed_size,
-        "word_dim": params.word_dim,
-        "num_layers": params.num_layers,
-        "bidirectional": params.bidirectional,
-        "raw_feature_norm": params.raw_feature_norm,
-        "no_imgnorm": params.no_imgnorm,
-        "no_txtnorm": params.no_txtnorm,
-    }
-    if params.lambda_softmax is not None:
-        overrides["lambda_softmax"] = params.lambda_softmax
-    if params.lambda_lse is not None:
-        overrides["lambda_lse"] = params.lambda_lse
-    return overrides
+    """Registry overrides for `params.model`: the sizes the data fixes plus the options params sets."""
+    return {**params.model_options(), "vocab_size": vocab_size, "img_dim": img_dim}
 
 
 def build_seeded_model(params: TrainParams, *, vocab_size: int, img_dim: int) -> nn.Module:

@@ -25,11 +25,12 @@ from pipeline.store import (
     FeatureStoreWriter,
     RegionRecord,
 )
+from pipeline.errors import UserError
 
 TSV_FIELDS: tuple[str, ...] = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 
 
-class TsvError(ValueError):
+class TsvError(UserError):
     """A TSV line is malformed; the message names the file and line."""
 
 

@@ -24,6 +24,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import WordLevel, WordPiece
 
 from pipeline.atomic import atomic_output
+from pipeline.errors import UserError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, START, END, UNK)
@@ -31,7 +32,7 @@ PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 WORD_PATTERN = r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]+"
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError):
     """A vocabulary file is missing or not a valid scan-pipe word vocabulary; the message names the file."""
 
 

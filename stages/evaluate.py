@@ -14,10 +14,10 @@ from rich.table import Table
 from pipeline.atomic import atomic_output
 from pipeline.captions import CaptionsError
 from pipeline.checkpoint import CheckpointError
-from pipeline.data import DataError
+from pipeline.loaders import DataError
 from pipeline.distributed import DeviceError
-from pipeline.evaluate import METRIC_KEYS, ranks_table, write_metrics_json, write_ranks_parquet
-from pipeline.inference import EvaluationError, EvaluationRun, evaluate_run
+from pipeline.metrics import METRIC_KEYS, ranks_table, write_metrics_json, write_ranks_parquet
+from pipeline.evaluation import EvaluationError, EvaluationRun, evaluate_run
 from pipeline.params import EvaluateParams
 from pipeline.store import FeatureStoreError
 from pipeline.vocab import VocabularyError

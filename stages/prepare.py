@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.datasets import DatasetError, check_images_present, prepare_karpathy, write_prepared
+from pipeline.splits import DatasetError, check_images_present, prepare_karpathy, write_prepared
 from pipeline.params import PrepareParams
 from stages._stage_params import fail, stage_section
 

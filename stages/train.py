@@ -15,7 +15,7 @@ from rich.console import Console
 
 from pipeline.captions import CaptionsError
 from pipeline.checkpoint import CheckpointError
-from pipeline.data import DataError
+from pipeline.loaders import DataError
 from pipeline.distributed import DeviceError
 from pipeline.params import TrainParams
 from pipeline.store import FeatureStoreError

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.distributed import init_distributed, shutdown, wrap_model
-from pipeline.models.registry import create_model
+from pipeline.models.build import create_model
 from pipeline.params import TrainParams
 from pipeline.train import ContrastiveStep, train
 

@@ -23,7 +23,7 @@ from pipeline.checkpoint import (
     read_checkpoint_info,
     save_checkpoint,
 )
-from pipeline.models.registry import create_model
+from pipeline.models.build import create_model
 
 TINY = {"vocab_size": 23, "img_dim": 12, "embed_size": 8, "word_dim": 6}
 

@@ -11,7 +11,7 @@ import pytest
 from synthetic import SyntheticDataset, make_synthetic_dataset
 from typer.testing import CliRunner
 
-from pipeline.evaluate import METRIC_KEYS
+from pipeline.metrics import METRIC_KEYS
 from pipeline.vocab import build_vocabulary
 from stages.cli import app
 

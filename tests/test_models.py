@@ -9,18 +9,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.models import (
-    SCAN,
-    ScanConfig,
-    average_scores,
-    create_model,
-    encode_and_score,
-    ensemble_scores,
-    hardest_negative_triplet_loss,
-    list_models,
-    model_config,
-    xattn_scores,
-)
+from pipeline.models.build import create_model
+from pipeline.models.config import ScanConfig
+from pipeline.models.ensemble import average_scores, encode_and_score, ensemble_scores
+from pipeline.models.losses import hardest_negative_triplet_loss
+from pipeline.models.registry import list_models, model_config
+from pipeline.models.scan import SCAN
+from pipeline.models.xattn import xattn_scores
 from pipeline.models.encoders import ImageEncoder, TextEncoder, l2norm
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

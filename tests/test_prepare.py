@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.captions import read_captions
-from pipeline.datasets import DatasetError, check_images_present, prepare_karpathy, write_prepared
+from pipeline.splits import DatasetError, check_images_present, prepare_karpathy, write_prepared
 from pipeline.sample import generate_sample
 from stages.cli import app
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.captions import write_captions
-from pipeline.evaluate import (
+from pipeline.metrics import (
     evaluate_protocol,
     ranks_table,
     retrieval_ranks,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.models.losses import hardest_negative_triplet_loss
-from pipeline.models.scan import xattn_relevance, xattn_scores
+from pipeline.models.xattn import xattn_relevance, xattn_scores
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -12,7 +12,7 @@ from synthetic import SyntheticDataset, make_synthetic_dataset
 
 from pipeline.captions import write_captions
 from pipeline.checkpoint import OPTIMIZER_FILE, load_model, read_checkpoint_info
-from pipeline.data import (
+from pipeline.loaders import (
     EpochBatchSampler,
     PairDataset,
     collate_pairs,
@@ -20,8 +20,8 @@ from pipeline.data import (
     open_feature_table,
     tokenize_captions,
 )
-from pipeline.evaluate import METRIC_KEYS
-from pipeline.inference import evaluate_run
+from pipeline.metrics import METRIC_KEYS
+from pipeline.evaluation import evaluate_run
 from pipeline.params import TrainParams
 from pipeline.train import TrainingError, train
 from pipeline.vocab import Vocabulary

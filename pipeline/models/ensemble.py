@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.models.scan import SCAN, BlockSize
+from pipeline.models.scan import SCAN
+from pipeline.models.xattn import BlockSize
 
 
 def average_scores(score_matrices: Sequence[Tensor | np.ndarray]) -> Tensor:

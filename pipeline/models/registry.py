@@ -1,63 +1,80 @@
-"""Named SCAN variants with their published settings, in the style of timm's model registry.
+"""The single list of model names, each with its typed config class and published defaults (as in timm).
 
-A checkpoint stores (name, full config dict); `create_model(name, **config)` rebuilds the same model, and
-`model_config(name, **overrides)` gives the config a name resolves to before any weights exist.
+Torch-free on purpose: the params schema validates `train.model` and the model options against this list
+before any work starts, and every stage validates the whole params file. Building a module from a name is
+`pipeline.models.build.create_model`. A checkpoint stores (name, full config dict), so the same name and
+config rebuild the same model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from pydantic import BaseModel, ValidationError
 
-from pipeline.models.scan import SCAN, ScanConfig
-
-ModelFactory = Callable[..., nn.Module]
-
-_DEFAULTS: dict[str, dict[str, Any]] = {}
-_FACTORIES: dict[str, ModelFactory] = {}
+from pipeline.models.config import ScanConfig
 
 
-def register_model(
-    name: str, defaults: Mapping[str, Any] | None = None
-) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator: register `factory(config: ScanConfig) -> nn.Module` under `name` with default settings."""
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered name: the config class that validates its options and the name's own defaults."""
 
-    def decorator(factory: ModelFactory) -> ModelFactory:
-        if name in _FACTORIES:
-            raise ValueError(f"model {name!r} is already registered")
-        _FACTORIES[name] = factory
-        _DEFAULTS[name] = dict(defaults or {})
-        return factory
+    name: str
+    config_class: type[BaseModel]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
-    return decorator
+
+_ENTRIES: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, config_class: type[BaseModel], defaults: Mapping[str, Any] | None = None) -> None:
+    """Add `name`; its `defaults` override the config class's own defaults."""
+    if name in _ENTRIES:
+        raise ValueError(f"model {name!r} is already registered")
+    unknown = sorted(set(defaults or {}) - set(config_class.model_fields))
+    if unknown:
+        raise ValueError(f"model {name!r}: {config_class.__name__} has no option(s) {', '.join(unknown)}")
+    _ENTRIES[name] = ModelEntry(name, config_class, dict(defaults or {}))
 
 
 def list_models() -> list[str]:
     """Registered model names, sorted."""
-    return sorted(_FACTORIES)
+    return sorted(_ENTRIES)
 
 
-def _require(name: str) -> None:
-    if name not in _FACTORIES:
+def model_entry(name: str) -> ModelEntry:
+    """The entry of `name`; an unknown name is an error listing the known ones."""
+    if name not in _ENTRIES:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    return _ENTRIES[name]
 
 
-def model_config(name: str, **overrides: Any) -> ScanConfig:
+def model_config(name: str, **overrides: Any) -> BaseModel:
     """The validated config that `name` plus `overrides` resolves to (unknown keys are rejected by name)."""
-    _require(name)
-    return ScanConfig(**{**_DEFAULTS[name], **overrides})
+    entry = model_entry(name)
+    return entry.config_class(**{**entry.defaults, **overrides})
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered model; `overrides` replace its defaults (e.g. `vocab_size`, `lambda_lse=20`)."""
-    config = model_config(name, **overrides)  # checks the name first
-    return _FACTORIES[name](config)
+def check_model_options(name: str, options: Mapping[str, Any]) -> None:
+    """Validate options given before the data exists (params.yaml, CLI): every error except a missing
+    field that only the data supplies (e.g. `vocab_size`) is raised, naming the option."""
+    entry = model_entry(name)
+    try:
+        entry.config_class(**{**entry.defaults, **options})
+    except ValidationError as exc:
+        errors = [error for error in exc.errors() if error["type"] != "missing"]
+        if errors:
+            details = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in errors
+            )
+            raise ValueError(f"model {name!r}: {details}") from None
 
 
-def _scan(config: ScanConfig) -> nn.Module:
-    return SCAN(config)
+def model_option_names(name: str) -> list[str]:
+    """The options a config of `name` accepts."""
+    return list(model_entry(name).config_class.model_fields)
 
 
 # Published Flickr30K/COCO settings (reference README §1); COCO i-t LSE uses lambda_lse=20 via an override.
@@ -67,4 +84,4 @@ for _name, _settings in {
     "scan_i2t_lse": {"direction": "i2t", "agg": "LogSumExp", "lambda_softmax": 4.0, "lambda_lse": 5.0},
     "scan_i2t_avg": {"direction": "i2t", "agg": "Mean", "lambda_softmax": 4.0},
 }.items():
-    register_model(_name, {"raw_feature_norm": "clipped_l2norm", **_settings})(_scan)
+    register_model(_name, ScanConfig, {"raw_feature_norm": "clipped_l2norm", **_settings})

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import evaluate as evaluate_module
-from pipeline.evaluate import (
+from pipeline import metrics as metrics_module
+from pipeline.metrics import (
     METRIC_KEYS,
     RetrievalRanks,
     evaluate_protocol,
@@ -140,10 +140,10 @@ def test_blockwise_ranks_equal_the_literal_rule(
         if backend == "numpy":
             return retrieval_ranks(scores, per_image, top_k=4)
         # the accelerator path, run here on a CPU tensor
-        return evaluate_module._ranks_torch(torch.from_numpy(scores), per_image, 4)
+        return metrics_module._ranks_torch(torch.from_numpy(scores), per_image, 4)
 
     whole = ranks()
-    monkeypatch.setattr(evaluate_module, "_BLOCK_ELEMENTS", 7)  # force tiny row/column blocks
+    monkeypatch.setattr(metrics_module, "_BLOCK_ELEMENTS", 7)  # force tiny row/column blocks
     blocked = ranks()
     for result in (whole, blocked):
         np.testing.assert_array_equal(result.i2t_ranks, expected_i2t)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pipeline.captions import read_captions
 from pipeline.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint_info
-from pipeline.data import (
+from pipeline.loaders import (
     CaptionDataset,
     DataError,
     EvaluationLayout,
@@ -38,7 +38,7 @@ from pipeline.data import (
     tokenize_captions,
 )
 from pipeline.distributed import resolve_device
-from pipeline.evaluate import (
+from pipeline.metrics import (
     PROTOCOLS,
     RetrievalRanks,
     evaluate_protocol,
@@ -48,6 +48,7 @@ from pipeline.models.ensemble import average_scores
 from pipeline.progress import progress_bar
 from pipeline.store import RegionFeatureTable
 from pipeline.vocab import Vocabulary
+from pipeline.errors import UserError
 
 # Captions per `similarity` call: large enough to fill a GPU block, small enough that a chunk's padding
 # (to its longest caption; chunks are length-sorted) stays cheap.
@@ -256,7 +257,7 @@ def model_scores(
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """Inputs of an evaluation do not fit together; the message names the file and what is wrong."""
 
 

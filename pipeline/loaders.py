@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.captions import CaptionTable
 from pipeline.store import FeatureStore, RegionFeatureTable
 from pipeline.workers import worker_context
+from pipeline.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Captions and features do not fit together; the message names the file and what is wrong."""
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_output
 from pipeline.captions import write_captions
+from pipeline.errors import UserError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 KNOWN_DATASETS: tuple[str, ...] = ("sample", "flickr30k", "coco")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset description or its images folder is unusable; the message names the file, image or key."""
 
 
