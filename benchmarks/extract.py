@@ -36,8 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extractors.bua.detector import RegionDetections
+from pipeline.distributed import resolve_device
 from pipeline.params import ExtractParams
-from stages.extract_run import detector_config_for, load_detector, resolve_device
+from stages.extract import load_detector
 
 
 def synthetic_scenes(count: int, width: int, height: int, seed: int) -> list[np.ndarray]:
@@ -178,9 +179,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = ExtractParams(arch=args.arch, weights=args.weights, device=args.device, seed=args.seed)
-    device = resolve_device(params.device, 0, 1)
-    loaded = load_detector(params, detector_config_for(params), device)
-    detector = loaded.detector
+    device = resolve_device(params.device)
+    loaded = load_detector(params)
+    detector = loaded.detector.to(device)
     fast = args.precision or ("tf32" if device.type == "cuda" else "bf16")
     images = synthetic_scenes(args.num_images, args.width, args.height, args.seed)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()

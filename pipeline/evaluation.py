@@ -9,7 +9,7 @@ tokenises the captions with its own vocabulary, stored in its checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +23,17 @@ from rich.progress import (
 )
 from torch import Tensor, nn
 
+from pipeline.atomic import atomic_output
 from pipeline.captions import read_captions
 from pipeline.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint_info
+from pipeline.distributed import resolve_device
+from pipeline.errors import UserError
 from pipeline.loaders import (
+    CaptionBatch,
     CaptionDataset,
     DataError,
     EvaluationLayout,
+    ImageBatch,
     ImageDataset,
     TokenizedCaptions,
     caption_loader,
@@ -37,18 +42,20 @@ from pipeline.loaders import (
     open_feature_table,
     tokenize_captions,
 )
-from pipeline.distributed import resolve_device
 from pipeline.metrics import (
     PROTOCOLS,
     RetrievalRanks,
     evaluate_protocol,
+    ranks_table,
     retrieval_ranks,
+    write_metrics_json,
+    write_ranks_parquet,
 )
 from pipeline.models.ensemble import average_scores
+from pipeline.models.xattn import BlockSize
 from pipeline.progress import progress_bar
 from pipeline.store import RegionFeatureTable
 from pipeline.vocab import Vocabulary
-from pipeline.errors import UserError
 
 # Captions per `similarity` call: large enough to fill a GPU block, small enough that a chunk's padding
 # (to its longest caption; chunks are length-sorted) stays cheap.
@@ -95,27 +102,22 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 @torch.no_grad()
 def encode_images(
     model: nn.Module,
-    table: RegionFeatureTable,
-    image_rows: np.ndarray,
+    batches: Iterable[ImageBatch],
+    count: int,
     *,
-    batch_size: int,
     device: torch.device,
     progress: Progress | None = None,
     autocast_dtype: torch.dtype | None = None,
-    num_workers: int = 0,
     keep_tasks: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Region embeddings of each listed image once: ((N, R, d) float32 on `device`, region lengths or None).
+    """Region embeddings of `count` images once: ((N, R, d) float32 on `device`, region lengths or None).
 
     Lengths are None when every image has the padded number of regions (the 36-box case): nothing to mask.
     """
-    loader = image_loader(
-        ImageDataset(table, image_rows), batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
-    tracker = _Tracker(progress, "encode images", len(image_rows), keep_tasks)
+    tracker = _Tracker(progress, "encode images", count, keep_tasks)
     pieces: list[Tensor] = []
     lengths: list[Tensor] = []
-    for batch in loader:
+    for batch in batches:
         regions = batch.region_features.to(device, non_blocking=True)
         region_lengths = batch.region_lengths.to(device)
         with _autocast(device, autocast_dtype):
@@ -134,19 +136,19 @@ def encode_images(
 @torch.no_grad()
 def encode_captions(
     model: nn.Module,
-    tokens: TokenizedCaptions,
+    batches: Iterable[CaptionBatch],
+    count: int,
     *,
-    batch_size: int,
     device: torch.device,
     progress: Progress | None = None,
     autocast_dtype: torch.dtype | None = None,
     chunk_captions: int = SCORE_CHUNK_CAPTIONS,
     keep_tasks: bool = True,
 ) -> EncodedCaptions:
-    """Word embeddings of every caption, encoded in length-sorted batches and grouped into scoring chunks."""
-    loader = caption_loader(CaptionDataset(tokens), batch_size, sort_by_length=True)
-    tracker = _Tracker(progress, "encode captions", len(tokens), keep_tasks)
-    result = EncodedCaptions(indices=[], embeddings=[], lengths=[], count=len(tokens))
+    """Word embeddings of `count` captions, grouped into scoring chunks (length-sorted batches keep each
+    chunk's padding small)."""
+    tracker = _Tracker(progress, "encode captions", count, keep_tasks)
+    result = EncodedCaptions(indices=[], embeddings=[], lengths=[], count=count)
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def flush() -> None:
@@ -163,7 +165,7 @@ def encode_captions(
         pending.clear()
 
     pending_count = 0
-    for batch in loader:
+    for batch in batches:
         token_ids = batch.token_ids.to(device, non_blocking=True)
         caption_lengths = batch.caption_lengths.to(device)
         with _autocast(device, autocast_dtype):
@@ -186,7 +188,7 @@ def score_encoded(
     region_lengths: Tensor | None,
     captions: EncodedCaptions,
     *,
-    block_size: int | tuple[int, int] | None = None,
+    block_size: BlockSize | None = None,
     progress: Progress | None = None,
     keep_tasks: bool = True,
 ) -> Tensor:
@@ -205,28 +207,27 @@ def score_encoded(
     return scores
 
 
-def model_scores(
+def _scores_from_batches(
     model: nn.Module,
-    table: RegionFeatureTable,
-    image_rows: np.ndarray,
-    tokens: TokenizedCaptions,
+    image_batches: Iterable[ImageBatch],
+    num_images: int,
+    caption_batches: Iterable[CaptionBatch],
+    num_captions: int,
     *,
-    batch_size: int = 128,
-    block_size: int | tuple[int, int] | None = None,
+    block_size: BlockSize | None,
     device: torch.device,
-    progress: Progress | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    keep_tasks: bool = True,
+    progress: Progress | None,
+    autocast_dtype: torch.dtype | None,
+    keep_tasks: bool,
 ) -> Tensor:
-    """Encode images and captions once with `model`, then score all pairs (eval mode, no gradients)."""
+    """The one encode-then-score path (eval mode, no gradients) behind every scoring entry point."""
     was_training = model.training
     model.eval()
     try:
         img_emb, region_lengths = encode_images(
             model,
-            table,
-            image_rows,
-            batch_size=batch_size,
+            image_batches,
+            num_images,
             device=device,
             progress=progress,
             autocast_dtype=autocast_dtype,
@@ -234,8 +235,8 @@ def model_scores(
         )
         encoded = encode_captions(
             model,
-            tokens,
-            batch_size=batch_size,
+            caption_batches,
+            num_captions,
             device=device,
             progress=progress,
             autocast_dtype=autocast_dtype,
@@ -254,6 +255,115 @@ def model_scores(
         model.train(was_training)
 
 
+def model_scores(
+    model: nn.Module,
+    table: RegionFeatureTable,
+    image_rows: np.ndarray,
+    tokens: TokenizedCaptions,
+    *,
+    batch_size: int = 128,
+    block_size: BlockSize | None = None,
+    device: torch.device,
+    progress: Progress | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    keep_tasks: bool = True,
+) -> Tensor:
+    """Score the listed rows of a feature table against tokenized captions: each side encoded once."""
+    images = image_loader(ImageDataset(table, image_rows), batch_size, pin_memory=device.type == "cuda")
+    captions = caption_loader(CaptionDataset(tokens), batch_size, sort_by_length=True)
+    return _scores_from_batches(
+        model,
+        images,
+        len(image_rows),
+        captions,
+        len(tokens),
+        block_size=block_size,
+        device=device,
+        progress=progress,
+        autocast_dtype=autocast_dtype,
+        keep_tasks=keep_tasks,
+    )
+
+
+def encode_and_score(
+    model: nn.Module,
+    region_features: Tensor,
+    token_ids: Tensor,
+    caption_lengths: Tensor,
+    region_lengths: Tensor | None = None,
+    *,
+    batch_size: int = 128,
+    block_size: BlockSize | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Score in-memory padded tensors (images x captions), by the same path as `model_scores`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    target = torch.device(device) if device is not None else next(model.parameters()).device
+    n_images, n_captions = region_features.shape[0], token_ids.shape[0]
+    if region_lengths is None:
+        region_lengths = torch.full((n_images,), region_features.shape[1], dtype=torch.long)
+    positions = torch.arange(max(n_images, n_captions))
+    image_batches = (
+        ImageBatch(
+            region_features[i : i + batch_size],
+            region_lengths[i : i + batch_size],
+            positions[i : i + batch_size],
+        )
+        for i in range(0, n_images, batch_size)
+    )
+    caption_batches = (
+        CaptionBatch(
+            token_ids[i : i + batch_size], caption_lengths[i : i + batch_size], positions[i : i + batch_size]
+        )
+        for i in range(0, n_captions, batch_size)
+    )
+    scores = _scores_from_batches(
+        model,
+        image_batches,
+        n_images,
+        caption_batches,
+        n_captions,
+        block_size=block_size,
+        device=target,
+        progress=None,
+        autocast_dtype=None,
+        keep_tasks=True,
+    )
+    return scores
+
+
+def ensemble_scores(
+    models: Sequence[nn.Module],
+    region_features: Tensor,
+    token_ids: Tensor,
+    caption_lengths: Tensor,
+    region_lengths: Tensor | None = None,
+    *,
+    batch_size: int = 128,
+    block_size: BlockSize | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Score the same images and captions with every model, then average the matrices."""
+    if len(models) < 2:
+        raise ValueError(f"an ensemble needs at least 2 models, got {len(models)}")
+    return average_scores(
+        [
+            encode_and_score(
+                model,
+                region_features,
+                token_ids,
+                caption_lengths,
+                region_lengths,
+                batch_size=batch_size,
+                block_size=block_size,
+                device=device,
+            )
+            for model in models
+        ]
+    )
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 
 
@@ -270,6 +380,7 @@ class EvaluationRun:
     ranks: RetrievalRanks
     layout: EvaluationLayout
     checkpoints: list[CheckpointInfo]
+    features_dir: Path
 
 
 def protocol_metrics(scores: Tensor | np.ndarray, protocol: str, captions_per_image: int) -> dict[str, Any]:
@@ -399,5 +510,30 @@ def evaluate_run(
     metrics["models"] = [info.model_name for info in infos]
     ranks = retrieval_ranks(scores, layout.captions_per_image, top_k=RANKS_TOP_K)
     return EvaluationRun(
-        metrics=metrics, scores=scores.numpy(), ranks=ranks, layout=layout, checkpoints=infos
+        metrics=metrics,
+        scores=scores.numpy(),
+        ranks=ranks,
+        layout=layout,
+        checkpoints=infos,
+        features_dir=Path(features_dir),
     )
+
+
+def write_evaluation(run: EvaluationRun, out_dir: str | Path, *, save_scores: bool = False) -> list[Path]:
+    """metrics.json, ranks.parquet (top-k per query) and, on request, scores.npy, each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {**run.metrics, "captions": str(run.layout.source), "features": str(run.features_dir)}
+    written = [write_metrics_json(out / "metrics.json", metrics)]
+    table = ranks_table(
+        run.ranks,
+        captions_per_image=run.layout.captions_per_image,
+        image_ids=run.layout.image_ids,
+        captions=run.layout.captions,
+    )
+    written.append(write_ranks_parquet(out / "ranks.parquet", table))
+    if save_scores:
+        with atomic_output(out / "scores.npy") as tmp_path, tmp_path.open("wb") as handle:
+            np.save(handle, np.ascontiguousarray(run.scores, dtype=np.float32))
+        written.append(out / "scores.npy")
+    return written

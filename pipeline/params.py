@@ -193,7 +193,9 @@ def _format_validation_error(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: invalid parameters"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
-        lines.append(f"  {key}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
+        message = item["msg"].removeprefix("Value error, ")
+        scalar_input = "input" in item and not isinstance(item["input"], dict)
+        lines.append(f"  {key}: {message}" + (f" (got {item['input']!r})" if scalar_input else ""))
     return "\n".join(lines)
 
 

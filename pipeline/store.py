@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_output
-from pipeline.progress import progress_bar
 from pipeline.errors import UserError
+from pipeline.progress import progress_bar
 
 METADATA_KEY = b"scan_pipe"
 PART_PATTERN = re.compile(r"^part-(?P<shard>[A-Za-z0-9_.]+)-(?P<index>\d{5,})\.parquet$")
@@ -57,7 +57,11 @@ class FeatureStoreError(UserError):
 
 @dataclass
 class RegionRecord:
-    """The regions of one image: boxes in original-image pixels and their features."""
+    """The regions of one image: boxes in original-image pixels and their features.
+
+    The arrays carry their stored dtypes (`ARRAY_DTYPES`; features float16 or float32): whoever makes a record
+    converts once, and the writer checks instead of converting again.
+    """
 
     image_id: str
     image_w: int
@@ -75,11 +79,19 @@ class RegionRecord:
         return int(self.features.shape[0])
 
 
-_OPTIONAL_COLUMNS: tuple[tuple[str, pa.DataType, np.dtype], ...] = (
-    ("object_ids", pa.int32(), np.dtype(np.int32)),
-    ("object_conf", pa.float32(), np.dtype(np.float32)),
-    ("attribute_ids", pa.int32(), np.dtype(np.int32)),
-    ("attribute_conf", pa.float32(), np.dtype(np.float32)),
+# The stored dtype of every per-region array except the features (whose dtype is the store's feature_dtype).
+ARRAY_DTYPES: dict[str, np.dtype] = {
+    "boxes": np.dtype(np.float32),
+    "object_ids": np.dtype(np.int32),
+    "object_conf": np.dtype(np.float32),
+    "attribute_ids": np.dtype(np.int32),
+    "attribute_conf": np.dtype(np.float32),
+}
+_OPTIONAL_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("object_ids", pa.int32()),
+    ("object_conf", pa.float32()),
+    ("attribute_ids", pa.int32()),
+    ("attribute_conf", pa.float32()),
 )
 _FLOAT_LIST_COLUMNS = ("boxes", "features", "object_conf", "attribute_conf")
 
@@ -100,7 +112,7 @@ def store_schema(feature_dtype: FeatureDtype = "float16") -> pa.Schema:
         pa.field("boxes", pa.list_(pa.float32()), nullable=False),
         pa.field("features", pa.list_(_arrow_float(feature_dtype)), nullable=False),
     ]
-    fields += [pa.field(name, pa.list_(arrow_type)) for name, arrow_type, _ in _OPTIONAL_COLUMNS]
+    fields += [pa.field(name, pa.list_(arrow_type)) for name, arrow_type in _OPTIONAL_COLUMNS]
     return pa.schema(fields)
 
 
@@ -204,32 +216,42 @@ class FeatureStoreWriter:
             self.flush()
 
     def _validated(self, record: RegionRecord) -> RegionRecord:
+        """Check shapes and dtypes; the one conversion done here is the features' to the store's dtype.
+
+        Importers hand float32 features to a float16 store, so features may come as either float width; every
+        other array must already have its `ARRAY_DTYPES` dtype (a mismatch is a producer's bug, not data).
+        """
         features = np.asarray(record.features)
         if features.ndim != 2:
             raise ValueError(f"{record.image_id}: features must be (n, D), got shape {features.shape}")
+        if features.dtype.name not in FEATURE_DTYPES:
+            raise ValueError(f"{record.image_id}: features must be float16 or float32, got {features.dtype}")
         n, dim = features.shape
         if self.feature_dim is None:
             self.feature_dim = int(dim)
         elif dim != self.feature_dim:
             raise ValueError(f"{record.image_id}: feature dimension {dim} differs from {self.feature_dim}")
-        boxes = np.asarray(record.boxes, dtype=np.float32)
-        if boxes.shape != (n, 4):
-            raise ValueError(f"{record.image_id}: boxes must be ({n}, 4), got shape {boxes.shape}")
-        optional: dict[str, np.ndarray | None] = {}
-        for name, _, np_dtype in _OPTIONAL_COLUMNS:
+        arrays: dict[str, np.ndarray | None] = {}
+        for name, dtype in ARRAY_DTYPES.items():
             value = getattr(record, name)
-            if value is not None:
-                value = np.asarray(value, dtype=np_dtype).reshape(-1)
-                if value.shape[0] != n:
-                    raise ValueError(f"{record.image_id}: {name} has {value.shape[0]} entries, expected {n}")
-            optional[name] = value
+            if value is None:
+                if name == "boxes":
+                    raise ValueError(f"{record.image_id}: boxes are required")
+                arrays[name] = None
+                continue
+            value = np.asarray(value)
+            if value.dtype != dtype:
+                raise ValueError(f"{record.image_id}: {name} must be {dtype}, got {value.dtype}")
+            expected = (n, 4) if name == "boxes" else (n,)
+            if value.shape != expected:
+                raise ValueError(f"{record.image_id}: {name} must have shape {expected}, got {value.shape}")
+            arrays[name] = value
         return RegionRecord(
             image_id=str(record.image_id),
             image_w=int(record.image_w),
             image_h=int(record.image_h),
-            boxes=boxes,
             features=features.astype(self.feature_dtype, copy=False),
-            **optional,
+            **arrays,  # type: ignore[arg-type]
         )
 
     def _metadata_json(self) -> bytes:
@@ -249,11 +271,13 @@ class FeatureStoreWriter:
             )
 
         def flat_list(values: list[np.ndarray], per_row: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+            # The records are validated: their arrays already have the column's dtype.
             offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
             np.cumsum(per_row, out=offsets[1:])
-            flat = np.concatenate([v.reshape(-1) for v in values]) if values else np.zeros(0)
-            child = pa.array(flat.astype(arrow_type.to_pandas_dtype(), copy=False), type=arrow_type)
-            return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), child)
+            flat = np.concatenate([v.reshape(-1) for v in values])
+            return pa.ListArray.from_arrays(
+                pa.array(offsets, type=pa.int32()), pa.array(flat, type=arrow_type)
+            )
 
         columns: dict[str, pa.Array] = {
             "image_id": pa.array([r.image_id for r in records], type=pa.string()),
@@ -265,15 +289,12 @@ class FeatureStoreWriter:
                 [r.features for r in records], counts * dim, _arrow_float(self.feature_dtype)
             ),
         }
-        for name, arrow_type, np_dtype in _OPTIONAL_COLUMNS:
+        for name, arrow_type in _OPTIONAL_COLUMNS:
             values = [getattr(r, name) for r in records]
             if all(v is None for v in values):
                 columns[name] = pa.nulls(len(records), type=pa.list_(arrow_type))
             else:
-                columns[name] = pa.array(
-                    [None if v is None else v.astype(np_dtype, copy=False) for v in values],
-                    type=pa.list_(arrow_type),
-                )
+                columns[name] = pa.array(values, type=pa.list_(arrow_type))
         schema = store_schema(self.feature_dtype).with_metadata({METADATA_KEY: self._metadata_json()})
         return pa.Table.from_pydict(columns, schema=schema)
 
@@ -344,8 +365,8 @@ def records_from_batch(batch: pa.RecordBatch, feature_dim: int) -> list[RegionRe
     box_offsets, box_values = _list_view(batch.column("boxes"))
     feat_offsets, feat_values = _list_view(batch.column("features"))
     optional = {
-        name: _optional_rows(batch.column(name), np_dtype)
-        for name, _, np_dtype in _OPTIONAL_COLUMNS
+        name: _optional_rows(batch.column(name), ARRAY_DTYPES[name])
+        for name, _ in _OPTIONAL_COLUMNS
         if name in batch.schema.names
     }
     records = []
@@ -647,3 +668,9 @@ class RegionFeatureTable:
         for slot, idx in enumerate(indices):
             padded[slot, : lengths[slot]] = self.features(idx)
         return padded, lengths
+
+
+def column_types(store: FeatureStore) -> dict[str, str]:
+    """Column name -> Arrow type of the first part (every part has the store schema), for manifests."""
+    schema = store._files[0].schema_arrow
+    return {name: str(schema.field(name).type) for name in schema.names}

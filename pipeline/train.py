@@ -1,6 +1,6 @@
 """SCAN training: seeded, resumable to the exact weights, validated every epoch, single process or DDP.
 
-The loop follows the reference settings (`../shared/reference/README.md`): Adam, lr x0.1 at `lr_update`,
+The loop follows the official SCAN training settings: Adam, lr x0.1 at `lr_update`,
 gradient-norm clip, hardest-negative triplet loss summed over the batch, model selection on validation rsum.
 
 Exact resume. Everything that influences an epoch is either in the checkpoint (weights, Adam moments and step
@@ -12,12 +12,11 @@ run resumed from its last checkpoint ends with the same weights as an uninterrup
 Files under `out_dir`:
     checkpoints/last/   written atomically after every epoch (see `pipeline.checkpoint`)
     checkpoints/best/   a copy of the epoch with the best validation rsum so far
-    metrics.jsonl       one JSON object per epoch: epoch, lr, train_loss, steps, val_* metrics, times
+    metrics.jsonl       one `EpochRecord` per epoch (see `pipeline.training_log`)
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -31,7 +30,6 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import Tensor, nn
 
-from pipeline.atomic import atomic_output
 from pipeline.captions import read_captions
 from pipeline.checkpoint import (
     CheckpointError,
@@ -69,6 +67,7 @@ from pipeline.models.losses import hardest_negative_triplet_loss
 from pipeline.models.build import create_model
 from pipeline.params import TrainParams
 from pipeline.progress import progress_bar
+from pipeline.training_log import EpochRecord, append_epoch, read_training_log
 from pipeline.vocab import Vocabulary
 from pipeline.errors import UserError
 
@@ -112,7 +111,7 @@ class TrainResult:
     epochs_completed: int
     best_epoch: int | None
     best_rsum: float | None
-    history: list[dict[str, Any]] = field(default_factory=list)  # all metrics.jsonl records
+    history: list[EpochRecord] = field(default_factory=list)  # all metrics.jsonl records
     nothing_to_do: bool = False
 
 
@@ -191,31 +190,6 @@ def _check_resume_params(params: TrainParams, info: CheckpointInfo) -> None:
             f"{info.path}: cannot resume with different training parameters ({details}); only "
             f"{sorted(RESUMABLE_CHANGES)} may change"
         )
-
-
-def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file (empty when absent); a malformed line is an error naming it."""
-    if not path.is_file():
-        return []
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TrainingError(f"{path}:{number}: not a JSON line: {exc}") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            raise TrainingError(f"{path}:{number}: expected an object with an integer 'epoch'")
-        records.append(record)
-    return records
-
-
-def write_metrics_log(path: Path, records: list[dict[str, Any]]) -> None:
-    """Rewrite the whole log atomically (it is small), so it never holds a half line."""
-    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
-    with atomic_output(path) as tmp_path:
-        tmp_path.write_text(text)
 
 
 def _autocast_dtype(params: TrainParams, device: torch.device) -> torch.dtype | None:
@@ -298,7 +272,7 @@ def _train(
                 f"{paths.last}: already trained for {resume_info.epoch} of {params.epochs} epochs; "
                 "nothing to do"
             )
-            history = read_metrics_log(paths.metrics)
+            history = read_training_log(paths.metrics, missing_ok=True)
             best = read_checkpoint_info(paths.best) if is_checkpoint(paths.best) else None
             return TrainResult(
                 out_dir=paths.out_dir,
@@ -385,7 +359,11 @@ def _train(
     )
 
     # ---- bookkeeping carried over from an interrupted run
-    history = [r for r in read_metrics_log(paths.metrics) if r["epoch"] <= start_epoch] if resume_info else []
+    history = (
+        [r for r in read_training_log(paths.metrics, missing_ok=True) if r.epoch <= start_epoch]
+        if resume_info
+        else []
+    )
     best_rsum, best_epoch = -math.inf, None
     if resume_info is not None and context.is_main:
         last_rsum = resume_info.metrics.get("rsum", -math.inf)
@@ -407,7 +385,7 @@ def _train(
     show = progress and context.is_main
     with progress_bar("batch", console=console, disable=not show) as bar:
         for epoch in range(start_epoch, params.epochs):
-            record = _run_epoch(
+            training = _run_epoch(
                 epoch,
                 params=params,
                 context=context,
@@ -435,12 +413,15 @@ def _train(
                     keep_tasks=False,
                 )
                 val_metrics = retrieval_metrics(val_scores, val_layout.captions_per_image)
-                record.update({f"val_{key}": value for key, value in val_metrics.items()})
-                record["val_time_s"] = time.perf_counter() - val_start
-                record["val_images"] = val_layout.num_images
+                record = EpochRecord(
+                    **training,
+                    **{f"val_{key}": value for key, value in val_metrics.items()},
+                    val_time_s=time.perf_counter() - val_start,
+                    val_images=val_layout.num_images,
+                )
                 history.append(record)
-                write_metrics_log(paths.metrics, history)
-                checkpoint_metrics = {**val_metrics, "train_loss": record["train_loss"]}
+                append_epoch(paths.metrics, record)
+                checkpoint_metrics = {**val_metrics, "train_loss": record.train_loss}
                 save_checkpoint(
                     paths.last,
                     model,
@@ -448,7 +429,7 @@ def _train(
                     model_config=model.config,
                     epoch=epoch + 1,
                     optimizer=optimizer,
-                    lr=record["lr"],
+                    lr=record.lr,
                     metrics=checkpoint_metrics,
                     rng_state={
                         "seed": params.seed,
@@ -467,8 +448,8 @@ def _train(
                     best_rsum, best_epoch = val_metrics["rsum"], epoch + 1
                     copy_checkpoint(paths.last, paths.best)
                 say(
-                    f"epoch {epoch + 1}/{params.epochs}: loss {record['train_loss']:.4f}  "
-                    f"lr {record['lr']:.2e}  "
+                    f"epoch {epoch + 1}/{params.epochs}: loss {record.train_loss:.4f}  "
+                    f"lr {record.lr:.2e}  "
                     f"val rsum {val_metrics['rsum']:.1f} (i2t R@1 {val_metrics['i2t_r1']:.1f}, t2i R@1 "
                     f"{val_metrics['t2i_r1']:.1f})" + ("  [best]" if improved else "")
                 )
@@ -498,7 +479,7 @@ def _run_epoch(
     autocast_dtype: torch.dtype | None,
     bar: Progress | None,
 ) -> dict[str, Any]:
-    """One pass over the epoch's batches; returns the epoch's log record (without validation)."""
+    """One pass over the epoch's batches; returns its `EpochRecord` fields up to the validation ones."""
     device = context.device
     lr = learning_rate(params, epoch)
     for group in optimizer.param_groups:

@@ -160,6 +160,21 @@ def build_vocabulary(captions: Iterable[str], min_count: int = 4) -> Vocabulary:
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
 
+def vocabulary_from_files(caption_files: Sequence[str | Path], min_count: int = 4) -> tuple[Vocabulary, int]:
+    """The vocabulary of the captions in `caption_files` (captions.parquet tables) and their caption count."""
+    from pipeline.captions import read_captions  # only this entry point reads caption tables
+
+    missing = [str(path) for path in caption_files if not Path(path).is_file()]
+    if missing:
+        raise VocabularyError(f"captions file not found: {', '.join(missing)}")
+    captions: list[str] = []
+    for path in caption_files:
+        captions.extend(read_captions(path).captions)
+    if not captions:
+        raise VocabularyError(f"no captions in {', '.join(str(path) for path in caption_files)}")
+    return build_vocabulary(captions, min_count=min_count), len(captions)
+
+
 def load_wordpiece(
     vocab_txt: str | Path, *, lowercase: bool = True, max_length: int | None = None
 ) -> Tokenizer:

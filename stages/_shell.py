@@ -93,14 +93,15 @@ def stage_section(
     except ValidationError as exc:
         problems = []
         for item in exc.errors():
-            key = ".".join(str(part) for part in item["loc"]) or "?"
-            top = str(item["loc"][0]) if item["loc"] else key
+            key = ".".join(str(part) for part in item["loc"])
+            top = str(item["loc"][0]) if item["loc"] else ""
             source = (
                 f"--{top.replace('_', '-')}"
                 if top in named
                 else f"--set {name}.{key}"
                 if top in generic
-                else f"{name}.{key}"
+                else f"{name}.{key}".rstrip(".")
             )
-            problems.append(f"{source}: {item['msg']}" + (f" (got {item['input']!r})" if "input" in item else ""))
+            got = f" (got {item['input']!r})" if "input" in item else ""
+            problems.append(f"{source}: {item['msg'].removeprefix('Value error, ')}{got}")
         fail("invalid option: " + "; ".join(problems), code=EXIT_USAGE)

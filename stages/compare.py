@@ -2,7 +2,7 @@
 
 Exit codes: 0 when nothing regressed, 1 on a regression (a metric worse beyond its tolerance, a missing
 metric, changed feature statistics or ids), 2 when an input cannot be read or the two inputs do not match.
-The default tolerances and the reasons for them are documented in `pipeline/compare.py`.
+The default tolerances and the reasons for them are documented in `pipeline/compare/tolerances.py`.
 """
 
 from __future__ import annotations
@@ -10,25 +10,18 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.compare import (
-    CompareError,
-    ComparisonResult,
-    ComparisonRow,
-    Tolerances,
-    build_feature_manifest,
-    compare_paths,
-    find_tolerance_file,
-    is_feature_store,
-    load_tolerances,
-    open_feature_store,
-    write_json_atomic,
-)
+from stages._shell import EXIT_ERROR, EXIT_USAGE, user_errors
+
+if TYPE_CHECKING:  # the library is imported inside the command: the CLI must start fast
+    from pipeline.compare import ComparisonResult, ComparisonRow
+
+EXIT_REGRESSION = EXIT_ERROR
 
 STATUS_STYLES = {
     "ok": "green",
@@ -98,11 +91,6 @@ def render_table(result: ComparisonResult, console: Console) -> None:
         console.print(f"[bold red]REGRESSION[/bold red] in {len(result.regressions)} check(s): {names}")
 
 
-def _fail(console: Console, message: str, code: int = 2) -> NoReturn:
-    console.print(f"[bold red]error:[/bold red] {message}")
-    raise typer.Exit(code)
-
-
 def compare_command(
     baseline: Path = typer.Argument(
         ..., help="Baseline: metrics JSON, a directory with metrics.json, a feature manifest JSON or a store."
@@ -136,43 +124,28 @@ def compare_command(
 
     Features: rows, schema, id hash, dims, weights exact; statistics within 1e-4 + 2e-3 x |baseline|.
     """
-    console = Console(stderr=output_format is OutputFormat.json)
+    from pipeline.compare import compare_paths, write_store_manifest
+
+    as_json = output_format is OutputFormat.json
+    console = Console(stderr=as_json)
     if not console.is_terminal:  # CI logs: rich would wrap the table at 80 columns
-        console = Console(stderr=output_format is OutputFormat.json, width=150)
+        console = Console(stderr=as_json, width=150)
     if write_manifest:
-        if not is_feature_store(baseline):
-            _fail(console, f"{baseline}: not a feature store (no part-*.parquet files)")
-        try:
-            manifest = build_feature_manifest(
-                open_feature_store(baseline), baseline, deterministic=bool(deterministic)
-            )
-            write_json_atomic(new, manifest)
-        except CompareError as exc:
-            _fail(console, str(exc))
+        with user_errors(EXIT_USAGE):
+            manifest = write_store_manifest(baseline, new, deterministic=bool(deterministic))
         console.print(
             f"wrote manifest of {baseline} ({manifest['row_count']} images, "
             f"deterministic={manifest['deterministic']}) to {new}"
         )
         return
-
-    try:
-        tolerance_file = tolerances or find_tolerance_file(baseline)
-        rules = load_tolerances(tolerance_file) if tolerance_file else Tolerances()
-        result = compare_paths(
-            baseline,
-            new,
-            rules,
-            deterministic=deterministic,
-            progress=output_format is OutputFormat.table,
-        )
-    except CompareError as exc:
-        _fail(console, str(exc))
-    if output_format is OutputFormat.json:
+    with user_errors(EXIT_USAGE):
+        result = compare_paths(baseline, new, tolerances, deterministic=deterministic, progress=not as_json)
+    if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         render_table(result, console)
     if not result.passed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_REGRESSION)
 
 
 def register(app: typer.Typer) -> None:

@@ -5,43 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.atomic import atomic_output
-from pipeline.captions import CaptionsError
-from pipeline.checkpoint import CheckpointError
-from pipeline.loaders import DataError
-from pipeline.distributed import DeviceError
-from pipeline.metrics import METRIC_KEYS, ranks_table, write_metrics_json, write_ranks_parquet
-from pipeline.evaluation import EvaluationError, EvaluationRun, evaluate_run
 from pipeline.params import EvaluateParams
-from pipeline.store import FeatureStoreError
-from pipeline.vocab import VocabularyError
-from stages._stage_params import fail, stage_section
-
-USER_ERRORS = (
-    EvaluationError,
-    DataError,
-    CheckpointError,
-    FeatureStoreError,
-    CaptionsError,
-    VocabularyError,
-    DeviceError,
-)
+from stages._shell import EXIT_USAGE, SET_HELP, fail, stage_section, user_errors
 
 
-def write_scores(path: Path, scores: np.ndarray) -> Path:
-    """The (images, captions) float32 score matrix as .npy, atomically."""
-    with atomic_output(path) as tmp_path, tmp_path.open("wb") as handle:
-        np.save(handle, np.ascontiguousarray(scores, dtype=np.float32))
-    return path
-
-
-def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+def metrics_table(metrics: dict[str, Any], keys: list[str], title: str) -> Table:
     """A rich table, one row per metric and one column per result (the protocol's, then coco_1k folds)."""
     columns: list[tuple[str, dict[str, Any]]] = [(str(metrics.get("protocol", "")), metrics)]
     nested = metrics.get("coco_1k") if isinstance(metrics.get("coco_1k"), dict) else None
@@ -53,7 +25,7 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
     table.add_column("metric")
     for label, _ in columns:
         table.add_column(label, justify="right")
-    for key in METRIC_KEYS:
+    for key in keys:
         table.add_row(key, *(f"{float(values[key]):.2f}" for _, values in columns))
     return table
 
@@ -85,29 +57,26 @@ def evaluate_command(
     block_size: int | None = typer.Option(None, "--block-size", help="Images x captions per scoring block."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images/captions per encoder call."),
     device: str | None = typer.Option(None, "--device", help="Override evaluate.device (auto, cpu, cuda)."),
+    set_values: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Cache of the memory-mapped feature table."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Score a split with trained checkpoints; write recall metrics, per-query ranks and optionally scores."""
-    section = stage_section(params, "evaluate", EvaluateParams)
-    given = {
-        "protocol": protocol,
-        "save_scores": save_scores,
-        "block_size": block_size,
-        "batch_size": batch_size,
-        "device": device,
-    }
-    try:
-        settings = EvaluateParams.model_validate(
-            {**section.model_dump(), **{k: v for k, v in given.items() if v is not None}}
-        )
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'-'.join(map(str, e['loc']))}: {e['msg']}".replace("_", "-") for e in exc.errors()
-        )
-        fail(f"invalid option: {problems}", code=2)
+    settings = stage_section(
+        params,
+        "evaluate",
+        EvaluateParams,
+        options={
+            "protocol": protocol,
+            "save_scores": save_scores,
+            "block_size": block_size,
+            "batch_size": batch_size,
+            "device": device,
+        },
+        assignments=set_values or (),
+    )
     for path in checkpoint:
         if not path.exists():
             fail(f"{path}: --checkpoint not found")
@@ -118,11 +87,14 @@ def evaluate_command(
     if model and len(model) != len(checkpoint):
         fail(
             f"{len(model)} --model value(s) for {len(checkpoint)} --checkpoint(s); give one per checkpoint",
-            code=2,
+            code=EXIT_USAGE,
         )
+    from pipeline.evaluation import evaluate_run, write_evaluation
+    from pipeline.metrics import METRIC_KEYS
+
     console = Console()
-    try:
-        run: EvaluationRun = evaluate_run(
+    with user_errors():
+        run = evaluate_run(
             checkpoint,
             features,
             captions,
@@ -137,27 +109,11 @@ def evaluate_command(
             progress=progress,
             console=console,
         )
-    except USER_ERRORS as exc:
-        fail(str(exc))
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = dict(run.metrics)
-    metrics["captions"] = str(captions)
-    metrics["features"] = str(features)
-    write_metrics_json(out / "metrics.json", metrics)
-    table = ranks_table(
-        run.ranks,
-        captions_per_image=run.layout.captions_per_image,
-        image_ids=run.layout.image_ids,
-        captions=run.layout.captions,
-    )
-    write_ranks_parquet(out / "ranks.parquet", table)
-    written = ["metrics.json", "ranks.parquet"]
-    if settings.save_scores:
-        write_scores(out / "scores.npy", run.scores)
-        written.append("scores.npy")
+    written = write_evaluation(run, out, save_scores=settings.save_scores)
     members = " + ".join(run.metrics["models"])
-    console.print(metrics_table(run.metrics, f"{members} on {captions} ({run.layout.num_images} images)"))
-    console.print(f"wrote {', '.join(written)} to {out}")
+    title = f"{members} on {captions} ({run.layout.num_images} images)"
+    console.print(metrics_table(run.metrics, list(METRIC_KEYS), title))
+    console.print(f"wrote {', '.join(path.name for path in written)} to {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,66 +1,144 @@
 """Stage `extract`: `scan-pipe extract --images DIR --out DIR` -> bottom-up-attention region feature store.
 
-Thin CLI layer: merges params.yaml's `extract` section with explicit options, calls `stages.extract_run`,
-prints the summary. Exit codes: 0 all images extracted (or failures within --max-failures), 2 bad
-options/inputs, 3 some images failed (listed in OUT/errors.jsonl; a rerun retries them).
+A shell: merges params.yaml's `extract` section with the options, builds the detector (the one place that
+wires extractors/bua to the engine in pipeline.extraction), runs the engine, prints the summary. Exit codes:
+0 all images extracted (or failures within --max-failures), 2 bad options/inputs, 3 some images failed
+(listed in OUT/errors.jsonl; a rerun retries them). torch, the detector and the engine are imported when
+the command runs: `scan-pipe --help` imports every stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.params import ExtractParams, ParamsError, load_section
-from stages.extract_run import (
-    ERRORS_FILE,
-    EXIT_IMAGES_FAILED,
-    SUMMARY_FILE,
-    ExtractError,
-    ExtractSummary,
-    run_extract,
-)
+from pipeline.errors import UserError
+from pipeline.params import ExtractParams
+from stages._shell import EXIT_USAGE, SET_HELP, error_console, stage_section, user_errors
 
+if TYPE_CHECKING:
+    from extractors.bua.config import DetectorConfig
+    from extractors.bua.detector import BottomUpAttentionDetector
+    from pipeline.extraction import ExtractSummary
+
+EXIT_IMAGES_FAILED = 3
 _HELP_PRECISION = (
     "exact = float32 with TF32 off (matches the Caffe reference); tf32 / bf16 / fp16 = fast modes"
 )
 
 
-def _fail(console: Console, message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+class DetectorSetupError(UserError):
+    """The detector cannot be built as asked (weights, vocabulary or detector settings)."""
 
 
-def resolve_params(params_path: Path | None, overrides: dict[str, Any], console: Console) -> ExtractParams:
-    """params.yaml's `extract` section (or the defaults) with every explicitly given option on top."""
-    if params_path is None:
-        base = ExtractParams()
-    else:
-        try:
-            section = load_section(params_path, "extract")
-        except ParamsError as exc:
-            raise _fail(console, str(exc)) from None
-        assert isinstance(section, ExtractParams)
-        base = section
-    given = {key: value for key, value in overrides.items() if value is not None}
+def detector_config_for(params: ExtractParams) -> DetectorConfig:
+    """The detector configuration of a run: architecture defaults, box mode, then explicit overrides."""
+    from extractors.bua.config import DetectorConfig
+
+    base = DetectorConfig.tiny() if params.arch == "tiny" else DetectorConfig()
+    config = base.with_box_mode("adaptive" if params.boxes == "adaptive" else "fixed")
+    names = ("test_scale", "max_size", "pre_nms_top_n", "post_nms_top_n")
+    overrides = {name: getattr(params, name) for name in names if getattr(params, name) is not None}
     try:
-        return ExtractParams.model_validate({**base.model_dump(), **given})
-    except ValidationError as exc:
-        lines = []
-        for item in exc.errors():
-            key = str(item["loc"][0]) if item["loc"] else "?"
-            source = f"--{key.replace('_', '-')}" if key in given else f"extract.{key}"
-            lines.append(f"{source}: {item['msg']} (got {item.get('input')!r})")
-        raise _fail(console, "; ".join(lines)) from None
+        return DetectorConfig.model_validate({**config.model_dump(), **overrides}) if overrides else config
+    except ValueError as exc:
+        raise DetectorSetupError(f"invalid detector settings {overrides}: {exc}") from None
+
+
+def _vocabulary(path: str, expected: int, what: str) -> list[str]:
+    """Names from an objects/attributes vocabulary file (one per line), checked against the head size."""
+    from extractors.bua.detector import read_vocabulary
+
+    try:
+        names = read_vocabulary(path)
+    except (OSError, ValueError) as exc:
+        raise DetectorSetupError(f"{what} vocabulary: {exc}") from None
+    if len(names) != expected:
+        raise DetectorSetupError(
+            f"{path}: {len(names)} {what} names, but the detector has {expected} {what} classes"
+        )
+    return names
+
+
+@dataclass
+class LoadedDetector:
+    """The detector (on the CPU; the engine moves it) and what the store records about how it was made."""
+
+    detector: BottomUpAttentionDetector
+    metadata: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weights_sha256(self) -> str:
+        return str(self.metadata["weights_sha256"])
+
+    @property
+    def untrained(self) -> bool:
+        return bool(self.metadata["untrained"])
+
+
+def load_detector(params: ExtractParams) -> LoadedDetector:
+    """Build the detector of `params` and load its weights (`random`: seeded initialisation, untrained)."""
+    import torch
+
+    from extractors.bua.detector import BottomUpAttentionDetector
+    from extractors.bua.weights import WEIGHTS_NOT_GIVEN_MESSAGE, load_weights
+
+    if params.weights is None:
+        raise DetectorSetupError(
+            f"{WEIGHTS_NOT_GIVEN_MESSAGE} (option --weights, or extract.weights in params.yaml)"
+        )
+    config = detector_config_for(params)
+    metadata: dict[str, Any] = {
+        "extractor": "bottom-up-attention",
+        "arch": params.arch,
+        "detector_config": config.model_dump(mode="json"),
+        "weights": params.weights,
+        "untrained": params.weights == "random",
+    }
+    if params.objects_vocab:
+        metadata["object_names"] = _vocabulary(params.objects_vocab, config.num_classes, "object")
+    if params.attributes_vocab:
+        metadata["attribute_names"] = _vocabulary(params.attributes_vocab, config.num_attributes, "attribute")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        detector = BottomUpAttentionDetector(config)
+    notes: list[str] = []
+    if params.weights == "random":
+        digest = hashlib.sha256()  # of the initialised tensors in state-dict order: names the seed's weights
+        for name, tensor in detector.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+        metadata.update(weights_sha256=digest.hexdigest(), weights_seed=params.seed)
+    else:
+        path = Path(params.weights)
+        if not path.is_file():
+            raise DetectorSetupError(
+                f"{path}: weights file not found (--weights FILE, or 'random' for an untrained detector)"
+            )
+        try:
+            with warnings.catch_warnings():  # an anchor mismatch is in the report, printed by the command
+                warnings.simplefilter("ignore")
+                report = load_weights(detector, path)
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise DetectorSetupError(f"{path}: cannot load detector weights: {exc}") from None
+        notes.append(report.summary())
+        metadata["weights_sha256"] = str(report.sha256)
+    return LoadedDetector(detector.eval(), metadata, notes)
 
 
 def print_summary(console: Console, summary: ExtractSummary, out: Path) -> None:
     """The end-of-run table: done, skipped, failed, speed, and where the details are."""
+    from pipeline.extraction import ERRORS_FILE, SUMMARY_FILE
+
     table = Table(title="extract summary", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -87,70 +165,59 @@ def print_summary(console: Console, summary: ExtractSummary, out: Path) -> None:
         )
 
 
+def extract_command(
+    images: Path = typer.Option(..., "--images", help="Images root; image ids are paths relative to it."),
+    out: Path = typer.Option(..., "--out", help="Feature store directory (created; resumed if it exists)."),
+    list_file: Path | None = typer.Option(None, "--list", help="File of image paths relative to --images."),
+    weights: str | None = typer.Option(
+        None, help="Detector checkpoint (.bin/.pkl/.safetensors) or 'random'."
+    ),
+    seed: int | None = typer.Option(None, help="Initialisation seed for --weights random."),
+    arch: str | None = typer.Option(None, help="full (ResNet-101 C4) or tiny (smoke tests)."),
+    boxes: str | None = typer.Option(None, help="36 (fixed, as SCAN) or adaptive (10-100, conf 0.2)."),
+    batch_size: int | None = typer.Option(None, help="Images per forward pass (padded batch)."),
+    num_workers: int | None = typer.Option(None, help="DataLoader decoding processes (0: in-process)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    feature_dtype: str | None = typer.Option(None, help="float16 (default) or float32 in the store."),
+    precision: str | None = typer.Option(None, help=_HELP_PRECISION),
+    test_scale: int | None = typer.Option(None, help="Short side in pixels (default: the arch's, 600)."),
+    max_size: int | None = typer.Option(None, help="Long-side cap in pixels (default: the arch's, 1000)."),
+    pre_nms_top_n: int | None = typer.Option(None, help="RPN proposals before NMS (default 6000)."),
+    post_nms_top_n: int | None = typer.Option(None, help="RPN proposals after NMS (default 300)."),
+    rows_per_part: int | None = typer.Option(None, help="Images per Parquet part file."),
+    objects_vocab: str | None = typer.Option(None, help="objects_vocab.txt: names kept in the metadata."),
+    attributes_vocab: str | None = typer.Option(None, help="attributes_vocab.txt."),
+    max_failures: int | None = typer.Option(None, help="Failed images tolerated before exit code 3."),
+    max_image_pixels: int | None = typer.Option(None, help="Refuse larger images (decompression bombs)."),
+    params: Path | None = typer.Option(None, "--params", help="params.yaml (section `extract`)."),
+    set_values: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Extract bottom-up-attention region features (36 x 2048 per image) into a Parquet feature store."""
+    # Every option but --images, --out, --list, --params and --set is named after its ExtractParams key.
+    options = {key: value for key, value in locals().items() if key in ExtractParams.model_fields}
+    settings = stage_section(params, "extract", ExtractParams, options=options, assignments=set_values or ())
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    with user_errors(code=EXIT_USAGE):
+        from pipeline.extraction import extract_images
+
+        loaded = load_detector(settings)
+        if loaded.untrained and is_main:
+            error_console.print(
+                f"[bold yellow]warning:[/] --weights random: untrained detector (seed {settings.seed}); the "
+                "features only test the plumbing and the store is marked untrained",
+                highlight=False,
+            )
+        for note in loaded.notes if is_main else []:
+            error_console.print(f"[yellow]weights:[/] {note}", highlight=False)
+        summary = extract_images(
+            loaded.detector, images, out, settings, metadata=loaded.metadata, list_file=list_file
+        )
+    if is_main:
+        print_summary(Console(), summary, out)
+    if summary.failed > settings.max_failures:
+        raise typer.Exit(EXIT_IMAGES_FAILED)
+
+
 def register(app: typer.Typer) -> None:
     """Add `scan-pipe extract`."""
-
-    @app.command("extract")
-    def extract(
-        images: Path = typer.Option(..., "--images", help="Images root; image ids are paths relative to it."),
-        out: Path = typer.Option(
-            ..., "--out", help="Feature store directory (created; resumed if it exists)."
-        ),
-        list_file: Path | None = typer.Option(
-            None, "--list", help="File of image paths relative to --images."
-        ),
-        weights: str | None = typer.Option(
-            None, help="Detector checkpoint (.bin/.pkl/.safetensors) or 'random'."
-        ),
-        seed: int | None = typer.Option(None, help="Initialisation seed for --weights random."),
-        arch: str | None = typer.Option(None, help="full (ResNet-101 C4) or tiny (smoke tests)."),
-        boxes: str | None = typer.Option(None, help="36 (fixed, as SCAN) or adaptive (10-100, conf 0.2)."),
-        batch_size: int | None = typer.Option(None, help="Images per forward pass (padded batch)."),
-        num_workers: int | None = typer.Option(None, help="DataLoader decoding processes (0: in-process)."),
-        device: str | None = typer.Option(None, help="cpu, cuda or cuda:N."),
-        feature_dtype: str | None = typer.Option(None, help="float16 (default) or float32 in the store."),
-        precision: str | None = typer.Option(None, help=_HELP_PRECISION),
-        test_scale: int | None = typer.Option(None, help="Short side in pixels (default: the arch's, 600)."),
-        max_size: int | None = typer.Option(
-            None, help="Long-side cap in pixels (default: the arch's, 1000)."
-        ),
-        pre_nms_top_n: int | None = typer.Option(None, help="RPN proposals before NMS (default 6000)."),
-        post_nms_top_n: int | None = typer.Option(None, help="RPN proposals after NMS (default 300)."),
-        rows_per_part: int | None = typer.Option(None, help="Images per Parquet part file."),
-        objects_vocab: str | None = typer.Option(None, help="objects_vocab.txt: names kept in the metadata."),
-        attributes_vocab: str | None = typer.Option(None, help="attributes_vocab.txt."),
-        max_failures: int | None = typer.Option(None, help="Failed images tolerated before exit code 3."),
-        max_image_pixels: int | None = typer.Option(None, help="Refuse larger images (decompression bombs)."),
-        params: Path | None = typer.Option(None, "--params", help="params.yaml (section `extract`)."),
-    ) -> None:
-        """Extract bottom-up-attention region features (36 x 2048 per image) into a Parquet feature store."""
-        console = Console(stderr=True)
-        overrides: dict[str, Any] = {
-            "weights": weights,
-            "seed": seed,
-            "arch": arch,
-            "boxes": boxes,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "device": device,
-            "feature_dtype": feature_dtype,
-            "precision": precision,
-            "test_scale": test_scale,
-            "max_size": max_size,
-            "pre_nms_top_n": pre_nms_top_n,
-            "post_nms_top_n": post_nms_top_n,
-            "rows_per_part": rows_per_part,
-            "objects_vocab": objects_vocab,
-            "attributes_vocab": attributes_vocab,
-            "max_failures": max_failures,
-            "max_image_pixels": max_image_pixels,
-        }
-        settings = resolve_params(params, overrides, console)
-        try:
-            summary = run_extract(images, out, settings, list_file=list_file, console=console)
-        except ExtractError as exc:
-            raise _fail(console, str(exc)) from None
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports the merged summary
-            print_summary(Console(), summary, out)
-        if summary.failed > settings.max_failures:
-            raise typer.Exit(EXIT_IMAGES_FAILED)
+    app.command("extract")(extract_command)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.store import FeatureStore, FeatureStoreError, existing_ids
-from pipeline.tsv import TsvError, export_tsv, import_tsv
-from stages._stage_params import fail
+from stages._shell import EXIT_USAGE, fail, user_errors
+
+if TYPE_CHECKING:  # imported on use: the CLI starts without pyarrow
+    from pipeline.store import FeatureStore
 
 features_app = typer.Typer(
     name="features",
@@ -25,10 +27,10 @@ features_app = typer.Typer(
 
 
 def _open(store: Path) -> FeatureStore:
-    try:
+    from pipeline.store import FeatureStore
+
+    with user_errors(code=EXIT_USAGE):
         return FeatureStore(store)
-    except FeatureStoreError as exc:
-        fail(str(exc), code=2)
 
 
 @features_app.command("info")
@@ -51,6 +53,8 @@ def export(
     out: Path = typer.Argument(..., help="TSV file to write (atomically)."),
 ) -> None:
     """Write every image of a store as one TSV line (boxes and features as base64 float32)."""
+    from pipeline.tsv import export_tsv
+
     opened = _open(store)
     count = export_tsv(opened, out)
     Console().print(f"exported {count:,} images to {out}")
@@ -64,15 +68,16 @@ def import_(
 ) -> None:
     """Convert a TSV dump (e.g. from the Caffe generate_tsv) into a feature store."""
     if feature_dtype not in ("float16", "float32"):
-        fail(f"--feature-dtype must be float16 or float32, got {feature_dtype!r}", code=2)
+        fail(f"--feature-dtype must be float16 or float32, got {feature_dtype!r}", code=EXIT_USAGE)
     if not tsv.is_file():
-        fail(f"{tsv}: TSV file not found", code=2)
+        fail(f"{tsv}: TSV file not found", code=EXIT_USAGE)
+    from pipeline.store import existing_ids
+    from pipeline.tsv import import_tsv
+
     if existing_ids(out):
-        fail(f"{out}: already holds a feature store; choose an empty directory", code=2)
-    try:
+        fail(f"{out}: already holds a feature store; choose an empty directory", code=EXIT_USAGE)
+    with user_errors(code=EXIT_USAGE):
         count = import_tsv(tsv, out, feature_dtype=feature_dtype)  # type: ignore[arg-type]
-    except TsvError as exc:
-        fail(str(exc), code=2)
     Console().print(f"imported {count:,} images from {tsv} into {out}")
 
 

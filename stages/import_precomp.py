@@ -8,10 +8,7 @@ from typing import Literal
 import typer
 from rich.console import Console
 
-from pipeline.captions import CaptionsError
-from pipeline.precomp import PrecompError, import_precomp
-from pipeline.store import FeatureStoreError
-from stages._stage_params import fail
+from stages._shell import fail, user_errors
 
 
 def import_precomp_command(
@@ -34,7 +31,9 @@ def import_precomp_command(
     if not data.is_dir():
         fail(f"{data}: data directory not found")
     dtype: Literal["float16", "float32"] = "float16" if feature_dtype == "float16" else "float32"
-    try:
+    from pipeline.precomp import import_precomp
+
+    with user_errors():
         result = import_precomp(
             data,
             split,
@@ -45,8 +44,6 @@ def import_precomp_command(
             overwrite=overwrite,
             progress=progress,
         )
-    except (PrecompError, CaptionsError, FeatureStoreError) as exc:
-        fail(str(exc))
     layout = (
         f"one row per caption: every {captions_per_image}th row kept"
         if result.rows_per_caption

@@ -8,9 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.splits import DatasetError, check_images_present, prepare_karpathy, write_prepared
 from pipeline.params import PrepareParams
-from stages._stage_params import fail, stage_section
+from stages._shell import SET_HELP, fail, stage_section, user_errors
 
 
 def prepare_command(
@@ -22,10 +21,15 @@ def prepare_command(
         ..., "--out", help="Output folder: OUT/{train,val,test}/captions.parquet, images.txt."
     ),
     params: Path | None = typer.Option(None, "--params", help="params.yaml; section `prepare` is used."),
+    set_values: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Cut the dataset into train/val/test captions tables (5 per image) and list the images to extract."""
-    section = stage_section(params, "prepare", PrepareParams)
-    try:
+    section = stage_section(params, "prepare", PrepareParams, assignments=set_values or ())
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a folder")
+    from pipeline.splits import check_images_present, prepare_karpathy, write_prepared
+
+    with user_errors():
         prepared = prepare_karpathy(
             dataset_json,
             dataset=section.dataset,
@@ -33,10 +37,6 @@ def prepare_command(
             restval_to_train=section.coco_restval_to_train,
         )
         check_images_present(images, prepared.all_image_ids())
-    except DatasetError as exc:
-        fail(str(exc))
-    if out.exists() and not out.is_dir():
-        fail(f"{out}: exists and is not a folder")
     write_prepared(prepared, out)
     console = Console()
     table = Table(title=f"prepared {prepared.name} -> {out}")

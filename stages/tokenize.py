@@ -7,10 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from pipeline.captions import CaptionsError, read_captions
 from pipeline.params import TokenizeParams
-from pipeline.vocab import VocabularyError, build_vocabulary
-from stages._stage_params import fail, stage_section
+from stages._shell import SET_HELP, stage_section, user_errors
 
 
 def tokenize_command(
@@ -19,31 +17,22 @@ def tokenize_command(
     ),
     out: Path = typer.Option(..., "--out", help="Vocabulary JSON to write."),
     params: Path | None = typer.Option(None, "--params", help="params.yaml; section `tokenize` is used."),
-    min_count: int | None = typer.Option(None, "--min-count", min=1, help="Override tokenize.min_count."),
+    min_count: int | None = typer.Option(None, "--min-count", help="Override tokenize.min_count."),
+    set_values: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Build the word-level vocabulary (words seen at least min_count times, plus the four specials)."""
-    section = stage_section(params, "tokenize", TokenizeParams)
-    threshold = section.min_count if min_count is None else min_count
-    missing = [str(path) for path in captions if not path.is_file()]
-    if missing:
-        fail(f"captions file not found: {', '.join(missing)}")
-    all_captions: list[str] = []
-    for path in captions:
-        try:
-            table = read_captions(path)
-        except CaptionsError as exc:
-            fail(str(exc))
-        all_captions.extend(table.captions)
-    if not all_captions:
-        fail(f"no captions in {', '.join(str(path) for path in captions)}")
-    try:
-        vocabulary = build_vocabulary(all_captions, min_count=threshold)
-    except VocabularyError as exc:
-        fail(str(exc))
+    settings = stage_section(
+        params, "tokenize", TokenizeParams, options={"min_count": min_count}, assignments=set_values or ()
+    )
+    from pipeline.vocab import vocabulary_from_files
+
+    with user_errors():
+        vocabulary, num_captions = vocabulary_from_files(captions, min_count=settings.min_count)
     out.parent.mkdir(parents=True, exist_ok=True)
     vocabulary.save(out)
     Console().print(
-        f"vocabulary: {len(vocabulary)} tokens (min_count {threshold}, {len(all_captions)} captions) -> {out}"
+        f"vocabulary: {len(vocabulary)} tokens "
+        f"(min_count {settings.min_count}, {num_captions} captions) -> {out}"
     )
 
 

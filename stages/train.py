@@ -7,43 +7,12 @@ global batch is split across them, see `pipeline.distributed`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
-from pipeline.captions import CaptionsError
-from pipeline.checkpoint import CheckpointError
-from pipeline.loaders import DataError
-from pipeline.distributed import DeviceError
 from pipeline.params import TrainParams
-from pipeline.store import FeatureStoreError
-from pipeline.train import TrainingError, train
-from pipeline.vocab import VocabularyError
-from stages._stage_params import fail, stage_section
-
-USER_ERRORS = (
-    TrainingError,
-    DataError,
-    CheckpointError,
-    FeatureStoreError,
-    CaptionsError,
-    VocabularyError,
-    DeviceError,
-)
-
-
-def apply_overrides(section: TrainParams, overrides: dict[str, Any]) -> TrainParams:
-    """`section` with the explicitly given CLI options replaced, validated like the file itself."""
-    given = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        return TrainParams.model_validate({**section.model_dump(), **given})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'-'.join(map(str, e['loc']))}: {e['msg']}".replace("_", "-") for e in exc.errors()
-        )
-        fail(f"invalid option: {problems}", code=2)
+from stages._shell import SET_HELP, fail, stage_section, user_errors
 
 
 def train_command(
@@ -76,6 +45,9 @@ def train_command(
         None, "--val-max-images", help="Override train.val_max_images."
     ),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Override train.amp (CUDA only)."),
+    set_values: list[str] | None = typer.Option(
+        None, "--set", help=f"{SET_HELP} Model options too, e.g. --set lambda_softmax=4."
+    ),
     cache_dir: Path | None = typer.Option(
         None,
         "--cache-dir",
@@ -84,10 +56,11 @@ def train_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train a SCAN model; a checkpoint after every epoch, the best validation rsum kept."""
-    section = stage_section(params, "train", TrainParams)
-    settings = apply_overrides(
-        section,
-        {
+    settings = stage_section(
+        params,
+        "train",
+        TrainParams,
+        options={
             "model": model,
             "epochs": epochs,
             "batch_size": batch_size,
@@ -101,6 +74,7 @@ def train_command(
             "val_max_images": val_max_images,
             "amp": amp,
         },
+        assignments=set_values or (),
     )
     for label, path, kind in (
         ("--features", features, "dir"),
@@ -110,8 +84,10 @@ def train_command(
     ):
         if not (path.is_dir() if kind == "dir" else path.is_file()):
             fail(f"{path}: {label} {'directory' if kind == 'dir' else 'file'} not found")
+    from pipeline.train import train
+
     console = Console()
-    try:
+    with user_errors():
         result = train(
             settings,
             features_dir=features,
@@ -124,8 +100,6 @@ def train_command(
             cache_dir=cache_dir,
             console=console,
         )
-    except USER_ERRORS as exc:
-        fail(str(exc))
     if result.best_epoch is not None:
         console.print(
             f"best validation rsum {result.best_rsum:.2f} at epoch {result.best_epoch} -> "

@@ -8,18 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from extractors.bua.weights import WeightsError, checkpoint_info, convert_checkpoint
+from stages._shell import fail
 
 weights_app = typer.Typer(
     name="weights",
     help="Detector checkpoints: convert to .safetensors, show format, keys and sha256.",
     no_args_is_help=True,
 )
-
-
-def _fail(message: str, code: int = 1) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @weights_app.command("convert")
@@ -37,11 +32,12 @@ def convert(
         raise typer.BadParameter(f"{out_path}: output must end in .safetensors", param_hint="OUT")
     if background not in ("auto", "first", "last"):
         raise typer.BadParameter(f"{background!r}: expected auto, first or last", param_hint="--background")
+    from extractors.bua.weights import WeightsError, convert_checkpoint
+
     try:
         report = convert_checkpoint(in_path, out_path, background=background)  # type: ignore[arg-type]
-    except (WeightsError, OSError) as exc:
-        _fail(str(exc))
-        return
+    except (WeightsError, OSError) as exc:  # the detector package's own error type (it cannot see pipeline/)
+        fail(str(exc))
     console = Console()
     console.print(f"wrote {out_path}: {report.summary()}", highlight=False, soft_wrap=True)
     console.print(f"sha256 {report.sha256}", highlight=False)
@@ -50,11 +46,12 @@ def convert(
 @weights_app.command("info")
 def info(path: Path = typer.Argument(..., help="Checkpoint file to inspect.")) -> None:
     """Format, key count, parameter count, sha256 and whether the stored anchors are Caffe's."""
+    from extractors.bua.weights import WeightsError, checkpoint_info
+
     try:
         details = checkpoint_info(path)
     except (WeightsError, OSError) as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     anchors = details.get("anchors_match")
     anchors_text = {
         None: "not stored (Caffe anchors generated)",

@@ -167,3 +167,15 @@ def test_train_errors_name_the_culprit(data: SyntheticDataset, tmp_path: Path) -
     args[args.index("--vocab") + 1] = tmp_path / "nope.json"
     result, output = _invoke(args)
     assert result.exit_code == 1 and "nope.json" in output
+
+
+def test_every_params_key_can_be_set_on_the_command_line(data: SyntheticDataset, tmp_path: Path) -> None:
+    """`--set` reaches model options (validated by the model's config) and schedule keys alike."""
+    result, output = _invoke(_train_args(data, tmp_path / "a", "--set", "lambda_softmax=-1"))
+    assert result.exit_code == 2 and "lambda_softmax" in output and "greater than 0" in output
+    result, output = _invoke(_train_args(data, tmp_path / "b", "--set", "train.raw_feature_norm=l3norm"))
+    assert result.exit_code == 2 and "l3norm" in output
+    result, output = _invoke(_train_args(data, tmp_path / "c", "--set", "lr_updat=3"))
+    assert result.exit_code == 2 and "--set train.lr_updat" in output
+    result, output = _invoke(_train_args(data, tmp_path / "d", "--set", "epochs"))
+    assert result.exit_code == 2 and "KEY=VALUE" in output

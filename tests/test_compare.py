@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.compare import (
+    CompareError,
     RunningStats,
     Tolerances,
     build_feature_manifest,
@@ -19,6 +20,7 @@ from pipeline.compare import (
     load_tolerances,
     metric_direction,
 )
+from pipeline.errors import UserError
 from pipeline.store import FeatureStore, FeatureStoreWriter, RegionRecord
 from stages.cli import app
 
@@ -152,6 +154,11 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tolerance must be >= 0"):
         (tmp_path / "neg.yaml").write_text("metrics:\n  rsum: -1\n")
         load_tolerances(tmp_path / "neg.yaml")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    result = _run(base, empty_dir)
+    assert result.exit_code == 2 and "empty" in result.output and "neither metrics.json" in result.output
+    assert issubclass(CompareError, UserError)  # stages print it as one line, no traceback
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -221,11 +228,9 @@ def test_planted_image_id_change_fails(base_store: Path, tmp_path: Path) -> None
 def test_deterministic_manifest_enforces_content_hash(base_store: Path, tmp_path: Path) -> None:
     tweaked = _write_store(tmp_path / "tweaked", tweak=True)
     store = FeatureStore(base_store)
-    loose = build_feature_manifest(store, base_store, deterministic=False, progress=False)
-    strict = build_feature_manifest(store, base_store, deterministic=True, progress=False)
-    tweaked_manifest = build_feature_manifest(
-        FeatureStore(tweaked), tweaked, deterministic=True, progress=False
-    )
+    loose = build_feature_manifest(store, deterministic=False, progress=False)
+    strict = build_feature_manifest(store, deterministic=True, progress=False)
+    tweaked_manifest = build_feature_manifest(FeatureStore(tweaked), deterministic=True, progress=False)
     assert compare_manifests(loose, tweaked_manifest).passed  # a 0.25 nudge of one value of 1152
     result = compare_manifests(strict, tweaked_manifest)
     assert [row.name for row in result.regressions] == ["content_sha256.features"]

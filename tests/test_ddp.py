@@ -32,7 +32,7 @@ TRAIN_PARAMS = TrainParams(
 )
 
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
+pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.slow]  # torchrun subprocesses
 
 
 def _torchrun(out: Path, train_spec: dict) -> subprocess.CompletedProcess:

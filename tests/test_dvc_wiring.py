@@ -328,29 +328,34 @@ def _expect(expected: list[str], stages: list[str]) -> list[str]:
     return stages
 
 
+@pytest.mark.slow  # runs `dvc repro` in a scratch repository
 def test_unchanged_pipeline_reruns_nothing(repo: tuple[Path, list[str]]) -> None:
     root, _ = repo
     assert _repro(root) == []
 
 
+@pytest.mark.slow  # runs `dvc repro` in a scratch repository
 def test_lambda_softmax_reruns_train_evaluate_report(repo: tuple[Path, list[str]]) -> None:
     root, expected = repo
     _set_param(root, "train", "lambda_softmax", 4.0)
     assert _repro(root) == _expect(expected, ["train", "evaluate", "report"])
 
 
+@pytest.mark.slow  # runs `dvc repro` in a scratch repository
 def test_test_scale_reruns_extract_and_downstream(repo: tuple[Path, list[str]]) -> None:
     root, expected = repo
     _set_param(root, "extract", "test_scale", 256)
     assert _repro(root) == _expect(expected, ["extract", "train", "evaluate", "report"])
 
 
+@pytest.mark.slow  # runs `dvc repro` in a scratch repository
 def test_report_param_reruns_report_only(repo: tuple[Path, list[str]]) -> None:
     root, expected = repo
     _set_param(root, "report", "top_k", 5)
     assert _repro(root) == _expect(expected, ["report"])
 
 
+@pytest.mark.slow  # runs `dvc repro` in a scratch repository
 def test_model_code_change_reruns_train_and_downstream(repo: tuple[Path, list[str]]) -> None:
     root, expected = repo
     scan = root / "pipeline" / "models" / "scan.py"

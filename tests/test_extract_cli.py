@@ -18,7 +18,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -28,7 +27,7 @@ from pipeline.images import list_images
 from pipeline.params import ExtractParams
 from pipeline.store import FeatureStore, list_parts
 from stages.cli import app
-from stages.extract_run import EXIT_IMAGES_FAILED, detector_config_for, load_detector
+from stages.extract import EXIT_IMAGES_FAILED, detector_config_for, load_detector
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 10
@@ -199,11 +198,9 @@ def test_rerun_skips_everything(image_dir: Path, reference: tuple[Path, object],
 
 
 def test_same_seed_same_weights_other_seed_differs() -> None:
-    config = detector_config_for(ExtractParams(arch="tiny"))
-    cpu = torch.device("cpu")
-    first = load_detector(ExtractParams(arch="tiny", weights="random", seed=1), config, cpu)
-    again = load_detector(ExtractParams(arch="tiny", weights="random", seed=1), config, cpu)
-    other = load_detector(ExtractParams(arch="tiny", weights="random", seed=2), config, cpu)
+    first = load_detector(ExtractParams(arch="tiny", weights="random", seed=1))
+    again = load_detector(ExtractParams(arch="tiny", weights="random", seed=1))
+    other = load_detector(ExtractParams(arch="tiny", weights="random", seed=2))
     assert first.weights_sha256 == again.weights_sha256 != other.weights_sha256
 
 
@@ -450,7 +447,7 @@ def test_unusual_valid_images_are_extracted_like_cv2_imread(tmp_path: Path) -> N
         )
     # End to end, each stored row is what the detector gives on cv2.imread's array.
     params = ExtractParams(arch="tiny", weights="random", seed=7)
-    detector = load_detector(params, detector_config_for(params), torch.device("cpu")).detector
+    detector = load_detector(params).detector
     for name in files:
         expected = detector.detect([cv2.imread(str(images / name), cv2.IMREAD_COLOR)])[0]
         np.testing.assert_allclose(
@@ -483,6 +480,7 @@ def _extract_command(image_dir: Path, out: Path, *, num_workers: int) -> list[st
     ]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_uninterrupted_rows(
     image_dir: Path, reference: tuple[Path, object], tmp_path: Path
 ) -> None:
@@ -539,6 +537,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_a_single_process_run(
     image_dir: Path, reference: tuple[Path, object], tmp_path: Path
 ) -> None:
@@ -629,3 +628,15 @@ def test_fast_precision_mode_recorded(image_dir: Path, tmp_path: Path) -> None:
     store = FeatureStore(out)
     assert store.metadata["precision"] == "bf16" and len(store) == 2
     assert json.loads((out / "summary.json").read_text())["precision"] == "bf16"
+
+
+def test_set_assignments_and_device_auto(image_dir: Path, tmp_path: Path) -> None:
+    list_file = _write(tmp_path / "images.txt", b"img_01.jpg\nimg_02.jpg\n")
+    out = tmp_path / "set"
+    common = ["--images", image_dir, "--list", list_file, *TINY, "--num-workers", "0"]
+    result = _run(*common, "--out", out, "--set", "rows_per_part=1", "--set", "extract.device=auto")
+    assert result.exit_code == 0, result.output
+    assert len(list_parts(out)) == 2
+    assert json.loads((out / "summary.json").read_text())["device"] in ("cpu", "cuda:0")
+    result = _run(*common, "--out", tmp_path / "bad", "--set", "rows_per_prt=1")
+    assert result.exit_code == 2 and "rows_per_prt" in result.output

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from pipeline.models.build import create_model
 from pipeline.models.config import ScanConfig
-from pipeline.models.ensemble import average_scores, encode_and_score, ensemble_scores
+from pipeline.evaluation import encode_and_score, ensemble_scores
+from pipeline.models.ensemble import average_scores
 from pipeline.models.losses import hardest_negative_triplet_loss
 from pipeline.models.registry import list_models, model_config
 from pipeline.models.scan import SCAN
@@ -113,8 +114,8 @@ def test_registry_names_defaults_and_overrides() -> None:
         ScanConfig(vocab_size=3, raw_feature_norm="l3norm")
 
 
-@pytest.mark.parametrize("name", ["scan_t2i_lse", "scan_i2t_avg"])
-def test_scan_forward_shapes_and_gradients(name: str) -> None:
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_forward_shapes_and_gradients(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, **SMALL)
     features, token_ids, lengths = _batch()
@@ -214,3 +215,27 @@ def test_ensemble_scores_average_each_models_scores() -> None:
     with torch.no_grad():
         torch.testing.assert_close(singles[1], models[1].eval()(features, None, token_ids, lengths))
     assert models[0].training  # encode_and_score restores the mode
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_is_a_valid_params_choice_with_its_own_defaults(name: str) -> None:
+    from pipeline.params import TrainParams
+
+    params = TrainParams(model=name)
+    assert params.model_options() == {}  # nothing set: every option comes from the registry/config
+    config = model_config(name, vocab_size=10)
+    assert model_config(name, vocab_size=10, **params.model_options()) == config
+    rebuilt = create_model(name, **config.model_dump())
+    assert rebuilt.config == config
+
+
+def test_model_options_are_validated_by_the_models_config_only() -> None:
+    from pipeline.params import TrainParams
+
+    assert TrainParams(lambda_softmax=4.0).model_options() == {"lambda_softmax": 4.0}
+    with pytest.raises(ValidationError, match=r"lambda_softmax.*greater than 0"):
+        TrainParams(lambda_softmax=-1.0)
+    with pytest.raises(ValidationError, match=r"raw_feature_norm.*'l3norm'"):
+        TrainParams(raw_feature_norm="l3norm")
+    with pytest.raises(ValidationError, match=r"unknown model 'scan_x'"):
+        TrainParams(model="scan_x")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.captions import write_captions
+from pipeline.errors import UserError
 from pipeline.metrics import (
     evaluate_protocol,
     ranks_table,
@@ -19,20 +20,13 @@ from pipeline.metrics import (
     write_metrics_json,
     write_ranks_parquet,
 )
-from pipeline.report import (
-    RegionBoxes,
-    ReportInputs,
-    SplitSize,
-    build_report,
-    chance_metrics,
-    load_published_results,
-    published_rows,
-    read_metrics,
-    read_ranks,
-    read_training_log,
-    recall_curve,
-)
-from pipeline.store import FeatureStore, FeatureStoreWriter, RegionRecord
+from pipeline.params import ReportParams
+from pipeline.report import ReportError, ReportInputs, ReportSources, build_report, load_inputs
+from pipeline.report.chance import chance_metrics, recall_curve
+from pipeline.report.inputs import read_metrics
+from pipeline.report.published import load_published_results, published_rows
+from pipeline.store import FeatureStoreWriter, RegionRecord
+from pipeline.training_log import EpochRecord, append_epoch, read_training_log
 
 N_IMAGES = 6
 CPI = 5
@@ -56,7 +50,12 @@ def _make_run(root: Path, *, untrained: bool) -> dict[str, Path]:
     caption_ids = [image_ids[j // CPI] for j in range(len(captions))]
     write_captions(root / "test" / "captions.parquet", caption_ids, captions, captions_per_image=CPI)
 
-    metadata = {"weights_sha256": "ab" * 32, "untrained": untrained, "extractor": "bua-r101"}
+    metadata = {
+        "weights_sha256": "ab" * 32,
+        "untrained": untrained,
+        "extractor": "bua-r101",
+        "object_names": ["background", "red square,red box", "blue square", "tree", "sky"],
+    }
     with FeatureStoreWriter(
         root / "features", rows_per_part=4, row_group_size=2, metadata=metadata
     ) as writer:
@@ -86,45 +85,45 @@ def _make_run(root: Path, *, untrained: bool) -> dict[str, Path]:
     write_ranks_parquet(evaluation / "ranks.parquet", table)
 
     train = root / "train"
-    train.mkdir()
-    lines = [
-        {"epoch": e, "lr": 2e-4, "train_loss": 50.0 / e, "val": {"rsum": 100.0 + 20 * e, "i2t_r1": 10.0 * e}}
-        for e in range(1, 5)
-    ]
-    (train / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for epoch in range(1, 5):
+        append_epoch(train / "metrics.jsonl", _epoch_record(epoch, val_rsum=100.0 + 20 * epoch))
     return {"images": images, "features": root / "features", "eval": evaluation, "train": train, "root": root}
+
+
+def _epoch_record(epoch: int, val_rsum: float) -> EpochRecord:
+    recalls = {f"val_{d}_r{k}": val_rsum / 6 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    ranks = {f"val_{d}_{r}": 2.0 for d in ("i2t", "t2i") for r in ("medr", "meanr")}
+    return EpochRecord(
+        epoch=epoch,
+        lr=2e-4,
+        train_loss=50.0 / epoch,
+        steps=10,
+        epoch_time_s=1.5,
+        pairs_per_s=200.0,
+        **recalls,
+        **ranks,
+        val_rsum=val_rsum,
+        val_time_s=0.1,
+        val_images=N_IMAGES,
+    )
+
+
+def _sources(paths: dict[str, Path]) -> ReportSources:
+    return ReportSources(
+        eval_dir=paths["eval"],
+        features=paths["features"],
+        captions=paths["root"] / "test" / "captions.parquet",
+        images=paths["images"],
+        train_dir=paths["train"],
+        splits=paths["root"],
+    )
 
 
 def _inputs(
     paths: dict[str, Path], dataset: str, protocol: str = "flickr30k_1k", num_examples: int = 2
 ) -> ReportInputs:
-    from pipeline.captions import read_captions
-
-    captions = read_captions(paths["root"] / "test" / "captions.parquet")
-    store = FeatureStore(paths["features"])
-
-    def region_boxes(ids: list[str]) -> dict[str, RegionBoxes]:
-        return {r.image_id: RegionBoxes(r.boxes, r.object_ids, r.object_conf) for r in store.read(ids)}
-
-    return ReportInputs(
-        metrics=read_metrics(paths["eval"] / "metrics.json"),
-        dataset=dataset,
-        protocol=protocol,
-        training_log=read_training_log(paths["train"] / "metrics.jsonl"),
-        ranks=read_ranks(paths["eval"] / "ranks.parquet"),
-        test_captions=captions.captions,
-        test_image_ids=captions.unique_image_ids,
-        captions_per_image=captions.captions_per_image,
-        split_sizes=[SplitSize("test", captions.num_images, len(captions))],
-        feature_store_rows=len(store),
-        store_metadata=store.metadata,
-        params={"train": {"model": "scan_t2i_avg"}},
-        images_root=paths["images"],
-        region_boxes=region_boxes,
-        object_names=["background", "red square", "blue square", "tree", "sky"],
-        num_examples=num_examples,
-        top_k=3,
-    )
+    settings = ReportParams(num_examples=num_examples, top_k=3)
+    return load_inputs(_sources(paths), settings, dataset=dataset, protocol=protocol)
 
 
 def _assert_png(path: Path, min_bytes: int = 3000) -> None:
@@ -144,7 +143,8 @@ def untrained_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_report_files_tables_and_untrained_notice(untrained_run: dict[str, Path], tmp_path: Path) -> None:
-    outputs = build_report(_inputs(untrained_run, "sample"), tmp_path / "report")
+    inputs = _inputs(untrained_run, "sample")
+    outputs = build_report(inputs, tmp_path / "report")
     markdown = outputs.markdown.read_text()
     page = outputs.html.read_text()
     for name in ("training_curves.png", "recall_at_k.png", "example_1.png", "example_2.png"):
@@ -168,7 +168,10 @@ def test_report_files_tables_and_untrained_notice(untrained_run: dict[str, Path]
     assert rows[0] == "k,i2t,t2i,i2t_chance,t2i_chance"
     assert float(rows[-1].split(",")[2]) == pytest.approx(100.0)  # t2i R@N = 100 on N images
     curves = (tmp_path / "report" / "training_curves.csv").read_text().splitlines()
-    assert len(curves) == 5 and curves[1].split(",")[2] == "120.0"  # val rsum flattened from {"val": {...}}
+    assert curves[0] == "epoch,train_loss,val_rsum,lr"
+    assert len(curves) == 5 and curves[1].split(",")[2] == "120.0"  # val rsum of the typed training log
+    # Box labels come from the store's objects vocabulary (first synonym of a line).
+    assert inputs.object_names is not None and inputs.object_names[1] == "red square"
 
 
 @pytest.mark.parametrize(("dataset", "protocol"), [("flickr30k", "flickr30k_1k"), ("coco", "coco_5k")])
@@ -203,7 +206,7 @@ def test_protocol_all_on_coco_shows_both_protocols_and_folds(
     assert "COCO 5K: this run beside the papers" in markdown
     assert "| chance, 2 images x 10 captions per fold" in markdown  # coco_1k chance uses the fold gallery
     assert "| chance, 10 images x 50 captions" in markdown
-    assert sum(line.startswith("|   fold ") for line in markdown.splitlines()) == 5
+    assert sum(line.startswith("| fold ") for line in markdown.splitlines()) == 5
     assert "SCAN ensemble t-i LSE + i-t AVG (same variant)" in markdown  # the two models form that ensemble
 
 
@@ -250,11 +253,9 @@ def test_recall_curve_counts_ranks_below_k() -> None:
 
 
 def test_bad_training_log_names_file_and_line(tmp_path: Path) -> None:
-    from pipeline.report import ReportError
-
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"epoch": 1}\nnot json\n')
-    with pytest.raises(ReportError, match=r"metrics\.jsonl:2"):
+    log.write_text(_epoch_record(1, 120.0).to_json_line() + "not json\n")
+    with pytest.raises(UserError, match=r"metrics\.jsonl:2: not a JSON line"):
         read_training_log(log)
     bad_metrics = tmp_path / "metrics.json"
     bad_metrics.write_text('{"i2t_r1": 1}')
@@ -281,12 +282,19 @@ def test_report_cli(untrained_run: dict[str, Path], tmp_path: Path) -> None:
             "--dataset", "flickr30k",
             "--out", str(out),
             "--num-examples", "1",
+            "--set", "top_k=2",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     assert "SCAN i-t LSE" in markdown and "untrained detector" in markdown
     assert (out / "example_1.png").is_file() and not (out / "example_2.png").exists()
+    assert "their top 2 images" in markdown  # --set reached the report section
+
+    bad_setting = CliRunner().invoke(
+        app, ["report", *_required_options(untrained_run, out), "--set", "top_k=0"]
+    )
+    assert bad_setting.exit_code == 2 and "--set report.top_k" in bad_setting.output
 
     missing = CliRunner().invoke(
         app,
@@ -294,3 +302,33 @@ def test_report_cli(untrained_run: dict[str, Path], tmp_path: Path) -> None:
          "--captions", "x.parquet", "--images", str(untrained_run["images"]), "--out", str(out)],
     )  # fmt: skip
     assert missing.exit_code != 0 and "nope" in missing.output
+
+
+def _required_options(paths: dict[str, Path], out: Path) -> list[str]:
+    """The required options of `scan-pipe report` for the fake run."""
+    return [
+        "--eval", str(paths["eval"]),
+        "--features", str(paths["features"]),
+        "--captions", str(paths["root"] / "test" / "captions.parquet"),
+        "--images", str(paths["images"]),
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_custom_templates_restyle_the_report(untrained_run: dict[str, Path], tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "report.md.j2").write_text(
+        "RESTYLED {{ page.title }}\n{% for section in page.sections %}* {{ section.title }}\n{% endfor %}"
+    )
+    inputs = _inputs(untrained_run, "sample", num_examples=0)
+    outputs = build_report(inputs, tmp_path / "report", template_dir=templates)
+    markdown = outputs.markdown.read_text()
+    assert markdown.startswith("RESTYLED scan-pipe report: sample\n* Run configuration\n")
+    assert "| chance" not in markdown
+    # The template folder lacks report.html.j2: the bundled one is used.
+    assert "<h2>Recall</h2>" in outputs.html.read_text()
+
+    (templates / "report.md.j2").write_text("{% for section in page.sections %}")
+    with pytest.raises(ReportError, match=r"report\.md\.j2"):
+        build_report(inputs, tmp_path / "report", template_dir=templates)

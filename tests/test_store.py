@@ -205,6 +205,24 @@ def test_writer_rejects_inconsistent_records(tmp_path: Path) -> None:
         FeatureStoreWriter(tmp_path / "other", shard="a/b")
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("boxes", np.zeros((3, 4), dtype=np.float64)),
+        ("object_ids", np.zeros(3, dtype=np.int64)),
+        ("object_conf", np.zeros(3, dtype=np.float64)),
+        ("features", np.zeros((3, 8), dtype=np.float64)),
+    ],
+)
+def test_writer_checks_dtypes_instead_of_casting(tmp_path: Path, name: str, value: np.ndarray) -> None:
+    """Records arrive in the store's dtypes (converted once by their producer); only the feature width may
+    differ from the store's, so importers can hand float32 features to a float16 store."""
+    record = make_records(1, dim=8, adaptive=False)[0]
+    setattr(record, name, value)
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        FeatureStoreWriter(tmp_path / "store").add(record)
+
+
 def test_read_specific_rows(tmp_path: Path) -> None:
     records = make_records(10)
     write_store(tmp_path / "store", records, rows_per_part=4, row_group_size=3)

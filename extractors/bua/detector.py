@@ -19,7 +19,7 @@ from torch import nn
 
 from extractors.bua.backbone import ResNetC4Backbone
 from extractors.bua.config import DetectorConfig
-from extractors.bua.preprocess import check_image, feature_size, image_blob
+from extractors.bua.preprocess import check_image, feature_size, image_blob, size_problem
 from extractors.bua.proposals import ProposalGenerator, Proposals, proposal_layer
 from extractors.bua.roi_head import RoIHeadOutput, RoIHeads
 from extractors.bua.selection import Selection, per_class_max_conf_batch, select_regions, top_labels
@@ -202,6 +202,11 @@ class BottomUpAttentionDetector(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------- public API
+    def image_size_problem(self, height: int, width: int) -> str | None:
+        """Why an image of this size cannot be detected on (extreme aspect ratio), else None: lets a runner
+        refuse such an image alone instead of failing the batch it is in."""
+        return size_problem(height, width, self.config.test_scale, self.config.max_size)
+
     @torch.inference_mode()
     def detect(
         self,

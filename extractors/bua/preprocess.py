@@ -44,6 +44,17 @@ def scaled_size(height: int, width: int, im_scale: float) -> tuple[int, int]:
     return int(np.rint(height * im_scale)), int(np.rint(width * im_scale))
 
 
+def size_problem(height: int, width: int, test_scale: int = 600, max_size: int = 1000) -> str | None:
+    """Why an image of this size cannot be processed (its scaled blob is below MIN_BLOB_SIDE), else None."""
+    out_h, out_w = scaled_size(height, width, compute_scale(height, width, test_scale, max_size))
+    if min(out_h, out_w) >= MIN_BLOB_SIDE:
+        return None
+    return (
+        f"{width}x{height} px scales to {out_w}x{out_h} px, below the detector's minimum of {MIN_BLOB_SIDE} "
+        "px per side (extreme aspect ratio)"
+    )
+
+
 def image_blob(
     image_bgr: np.ndarray,
     test_scale: int = 600,

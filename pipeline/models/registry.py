@@ -29,7 +29,9 @@ class ModelEntry:
 _ENTRIES: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config_class: type[BaseModel], defaults: Mapping[str, Any] | None = None) -> None:
+def register_model(
+    name: str, config_class: type[BaseModel], defaults: Mapping[str, Any] | None = None
+) -> None:
     """Add `name`; its `defaults` override the config class's own defaults."""
     if name in _ENTRIES:
         raise ValueError(f"model {name!r} is already registered")
@@ -67,7 +69,8 @@ def check_model_options(name: str, options: Mapping[str, Any]) -> None:
         errors = [error for error in exc.errors() if error["type"] != "missing"]
         if errors:
             details = "; ".join(
-                f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in errors
+                f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']} (got {error['input']!r})"
+                for error in errors
             )
             raise ValueError(f"model {name!r}: {details}") from None
 
@@ -77,11 +80,11 @@ def model_option_names(name: str) -> list[str]:
     return list(model_entry(name).config_class.model_fields)
 
 
-# Published Flickr30K/COCO settings (reference README §1); COCO i-t LSE uses lambda_lse=20 via an override.
+# Published Flickr30K/COCO settings (SCAN paper and official README); COCO i-t LSE uses lambda_lse=20 via an override.
 for _name, _settings in {
     "scan_t2i_lse": {"direction": "t2i", "agg": "LogSumExp", "lambda_softmax": 9.0, "lambda_lse": 6.0},
     "scan_t2i_avg": {"direction": "t2i", "agg": "Mean", "lambda_softmax": 9.0},
     "scan_i2t_lse": {"direction": "i2t", "agg": "LogSumExp", "lambda_softmax": 4.0, "lambda_lse": 5.0},
     "scan_i2t_avg": {"direction": "i2t", "agg": "Mean", "lambda_softmax": 4.0},
 }.items():
-    register_model(_name, ScanConfig, {"raw_feature_norm": "clipped_l2norm", **_settings})
+    register_model(_name, ScanConfig, _settings)

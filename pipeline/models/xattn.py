@@ -1,6 +1,7 @@
 """SCAN's stacked cross-attention score (Lee et al. ECCV 2018), computed blockwise and fast.
 
-The scoring follows `../shared/fixtures/scan/README.md` §2 formula for formula. What makes it fast:
+The scoring follows the official SCAN code formula for formula (checked against its outputs by the
+conformance tests). What makes it fast:
 
 * All word-region dot products of a block of images x captions come from ONE matrix product
   `(images*regions, d) @ (d, captions*words)`. That product is the dominant cost; everything else works on

@@ -1,0 +1,220 @@
+"""The extraction run: plan, shard, decode, detect, write parts, merge the ranks' results."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from pipeline import __version__ as PACKAGE_VERSION
+from pipeline.distributed import DistributedContext, barrier, init_distributed, shutdown
+from pipeline.extraction.decode import ImageFileDataset, ImageItem, image_loader
+from pipeline.extraction.detector import DetectedRegions, RegionDetector, to_record
+from pipeline.extraction.plan import (
+    plan_image_ids,
+    remove_stale_temporaries,
+    shard_for_rank,
+    stored_ids_to_skip,
+)
+from pipeline.extraction.summary import (
+    ExtractSummary,
+    RankResult,
+    merge_results,
+    read_rank_results,
+    write_outputs,
+    write_rank_result,
+)
+from pipeline.images import ImageDecodeError
+from pipeline.params import ExtractParams
+from pipeline.progress import progress_bar
+from pipeline.store import FeatureStoreWriter
+
+# Ranks meet at barriers after extracting their shares, which can differ by a lot of images.
+_BARRIER_TIMEOUT_MINUTES = 12 * 60
+
+
+def extract_images(
+    detector: RegionDetector,
+    images: str | Path,
+    out: str | Path,
+    settings: ExtractParams,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    list_file: str | Path | None = None,
+    console: Console | None = None,
+) -> ExtractSummary:
+    """Extract the regions of every image under `images` (or in `list_file`) not yet in the store at `out`.
+
+    `settings` gives the run's batch size, loader workers, device (`auto` too), precision, feature dtype,
+    part size and pixel limit; its detector options are the caller's business (it built `detector`).
+    `metadata` says how the detector was made (weights digest, config, ...): every part records it, and a
+    store made with different values is not extended. Under torchrun every rank takes its share of the
+    images. Failed images go to `out/errors.jsonl`, the merged summary to `out/summary.json`.
+
+    Raises ExtractError / DeviceError (UserErrors) for bad inputs or settings.
+    """
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    context = init_distributed(settings.device, timeout_minutes=_BARRIER_TIMEOUT_MINUTES)
+    try:
+        return _run(
+            detector,
+            Path(images),
+            Path(out),
+            settings,
+            dict(metadata or {}),
+            Path(list_file) if list_file is not None else None,
+            console,
+            context,
+            started,
+        )
+    finally:
+        shutdown(context)
+
+
+def _run(
+    detector: RegionDetector,
+    images_root: Path,
+    out: Path,
+    settings: ExtractParams,
+    metadata: dict[str, Any],
+    list_file: Path | None,
+    console: Console,
+    context: DistributedContext,
+    started: float,
+) -> ExtractSummary:
+    metadata.update(
+        precision=settings.precision, package_version=PACKAGE_VERSION, torch_version=torch.__version__
+    )
+    image_ids = plan_image_ids(images_root, list_file)
+    device = context.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    detector.to(device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        removed = remove_stale_temporaries(out)
+        if removed:
+            console.print(
+                f"removed {len(removed)} temporary file(s) left by an interrupted run", highlight=False
+            )
+    existing = stored_ids_to_skip(out, metadata, settings.feature_dtype)
+    pending = [image_id for image_id in image_ids if image_id not in existing]
+    barrier(context)  # every rank has read the same store before any rank writes to it
+    my_ids = shard_for_rank(pending, context.rank, context.world_size)
+
+    result = _extract_share(detector, images_root, out, settings, metadata, my_ids, console, context)
+    result.elapsed_s = time.perf_counter() - started
+    write_rank_result(out, result)
+    barrier(context)
+    results = read_rank_results(out, context.world_size)
+    summary = merge_results(
+        results,
+        total=len(image_ids),
+        skipped=len(image_ids) - len(pending),
+        device=str(device) if context.world_size == 1 else f"{device.type} x {context.world_size}",
+        precision=settings.precision,
+        batch_size=settings.batch_size,
+        metadata=metadata,
+        out=out,
+    )
+    barrier(context)  # every rank has read every rank file
+    if context.is_main:
+        write_outputs(out, summary, results)
+    return summary
+
+
+def _detect_batch(
+    detector: RegionDetector, items: list[ImageItem], precision: str
+) -> tuple[list[tuple[ImageItem, DetectedRegions]], list[tuple[ImageItem, Exception]]]:
+    """Run one padded batch; if it fails, retry image by image so one bad image cannot sink its batch."""
+    try:
+        with torch.inference_mode():
+            results = detector.detect([item.image for item in items], precision=precision)
+        return list(zip(items, results, strict=True)), []
+    except Exception as exc:
+        if len(items) == 1:
+            return [], [(items[0], exc)]
+    done: list[tuple[ImageItem, DetectedRegions]] = []
+    failed: list[tuple[ImageItem, Exception]] = []
+    for item in items:
+        one_done, one_failed = _detect_batch(detector, [item], precision)
+        done += one_done
+        failed += one_failed
+    return done, failed
+
+
+def _usable(item: ImageItem, detector: RegionDetector) -> ImageItem:
+    """The item, or its refusal when the detector cannot take an image of its size."""
+    if item.image is None:
+        return item
+    problem = detector.image_size_problem(*item.image.shape[:2])
+    return item if problem is None else item.refuse(ImageDecodeError(problem, "unsupported"))
+
+
+def _extract_share(
+    detector: RegionDetector,
+    images_root: Path,
+    out: Path,
+    settings: ExtractParams,
+    metadata: dict[str, Any],
+    image_ids: list[str],
+    console: Console,
+    context: DistributedContext,
+) -> RankResult:
+    """Extract this rank's images into its own shard of parts."""
+    result = RankResult(rank=context.rank)
+    if not image_ids:
+        return result
+    conversions: Counter[str] = Counter()
+    box_counts: list[int] = []
+    loop_started = time.perf_counter()
+    dataset = ImageFileDataset(images_root, image_ids, settings.max_image_pixels)
+    loader = image_loader(dataset, settings.batch_size, settings.num_workers)
+    progress = progress_bar("images", console=console, disable=not context.is_main)
+    label = "extracting" if context.world_size == 1 else f"extracting (rank 0 of {context.world_size})"
+    writer = FeatureStoreWriter(
+        out,
+        shard=str(context.rank),
+        feature_dtype=settings.feature_dtype,
+        rows_per_part=settings.rows_per_part,
+        metadata=metadata,
+    )
+    with writer, progress:
+        task = progress.add_task(label, total=len(image_ids))
+        for batch in loader:
+            decoded = []
+            for loaded in batch:
+                item = _usable(loaded, detector)
+                if item.image is None:
+                    result.record_error(item.image_id, item.error_kind, item.error_reason, item.exception)
+                else:
+                    decoded.append(item)
+            done, failed = _detect_batch(detector, decoded, settings.precision) if decoded else ([], [])
+            for item, regions in done:
+                record = to_record(item.image_id, item.image, regions, settings.feature_dtype)
+                writer.add(record)
+                result.done += 1
+                conversions[item.conversion] += 1
+                box_counts.append(record.num_boxes)
+            for item, exc in failed:
+                name = type(exc).__name__
+                result.record_error(item.image_id, "detector_failed", f"{name}: {exc}", name)
+            progress.advance(task, len(batch))
+    result.extract_s = time.perf_counter() - loop_started
+    result.parts_written = len(writer.parts_written)
+    result.conversions = dict(conversions)
+    if box_counts:
+        result.num_boxes = {
+            "min": float(min(box_counts)),
+            "mean": float(np.mean(box_counts)),
+            "max": float(max(box_counts)),
+        }
+    return result
