@@ -130,15 +130,6 @@ def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def broadcast_object(value: object, context: DistributedContext, src: int = 0) -> object:
-    """Rank `src`'s `value` on every rank (JSON-like values only; used for small decisions)."""
-    if not context.enabled:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def all_reduce_max(value: int, context: DistributedContext) -> int:
     """The maximum of an integer over all ranks."""
     if not context.enabled:

@@ -28,6 +28,7 @@ from pipeline.captions import read_captions
 from pipeline.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint_info
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
+from pipeline.feature_table import RegionFeatureTable
 from pipeline.loaders import (
     CaptionBatch,
     CaptionDataset,
@@ -54,7 +55,6 @@ from pipeline.metrics import (
 from pipeline.models.ensemble import average_scores
 from pipeline.models.xattn import BlockSize
 from pipeline.progress import progress_bar
-from pipeline.store import RegionFeatureTable
 from pipeline.vocab import Vocabulary
 
 # Captions per `similarity` call: large enough to fill a GPU block, small enough that a chunk's padding

@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.captions import CaptionTable
-from pipeline.store import FeatureStore, RegionFeatureTable
-from pipeline.workers import worker_context
 from pipeline.errors import UserError
+from pipeline.feature_table import RegionFeatureTable
+from pipeline.store import FeatureStore
+from pipeline.workers import worker_context
 
 
 class DataError(UserError):

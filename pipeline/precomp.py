@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.captions import write_captions
+from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 from pipeline.store import FeatureDtype, FeatureStoreWriter, RegionRecord, list_parts
-from pipeline.errors import UserError
 
 CAPTIONS_FILE = "captions.parquet"
 

@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_output
 from pipeline.errors import UserError
-from pipeline.progress import progress_bar
+
+if TYPE_CHECKING:
+    from pipeline.feature_table import RegionFeatureTable
 
 METADATA_KEY = b"scan_pipe"
 PART_PATTERN = re.compile(r"^part-(?P<shard>[A-Za-z0-9_.]+)-(?P<index>\d{5,})\.parquet$")
@@ -96,7 +98,7 @@ _OPTIONAL_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 _FLOAT_LIST_COLUMNS = ("boxes", "features", "object_conf", "attribute_conf")
 
 
-def _arrow_float(feature_dtype: str) -> pa.DataType:
+def arrow_float_type(feature_dtype: str) -> pa.DataType:
     return pa.float16() if feature_dtype == "float16" else pa.float32()
 
 
@@ -110,7 +112,7 @@ def store_schema(feature_dtype: FeatureDtype = "float16") -> pa.Schema:
         pa.field("image_h", pa.int32(), nullable=False),
         pa.field("num_boxes", pa.int32(), nullable=False),
         pa.field("boxes", pa.list_(pa.float32()), nullable=False),
-        pa.field("features", pa.list_(_arrow_float(feature_dtype)), nullable=False),
+        pa.field("features", pa.list_(arrow_float_type(feature_dtype)), nullable=False),
     ]
     fields += [pa.field(name, pa.list_(arrow_type)) for name, arrow_type in _OPTIONAL_COLUMNS]
     return pa.schema(fields)
@@ -286,7 +288,7 @@ class FeatureStoreWriter:
             "num_boxes": pa.array(counts.astype(np.int32), type=pa.int32()),
             "boxes": flat_list([r.boxes for r in records], counts * 4, pa.float32()),
             "features": flat_list(
-                [r.features for r in records], counts * dim, _arrow_float(self.feature_dtype)
+                [r.features for r in records], counts * dim, arrow_float_type(self.feature_dtype)
             ),
         }
         for name, arrow_type in _OPTIONAL_COLUMNS:
@@ -337,7 +339,7 @@ class FeatureStoreWriter:
             self._closed = True
 
 
-def _list_view(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def list_offsets_values(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, values) of a list array as numpy arrays without copying the values."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
@@ -349,7 +351,7 @@ def _list_view(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def _optional_rows(array: pa.Array, np_dtype: np.dtype) -> list[np.ndarray | None]:
     if array.null_count == len(array):
         return [None] * len(array)
-    offsets, values = _list_view(array)
+    offsets, values = list_offsets_values(array)
     valid = array.is_valid().to_numpy(zero_copy_only=False)
     return [
         values[offsets[i] : offsets[i + 1]].astype(np_dtype, copy=False) if valid[i] else None
@@ -362,8 +364,8 @@ def records_from_batch(batch: pa.RecordBatch, feature_dim: int) -> list[RegionRe
     image_ids = batch.column("image_id").to_pylist()
     widths = batch.column("image_w").to_numpy()
     heights = batch.column("image_h").to_numpy()
-    box_offsets, box_values = _list_view(batch.column("boxes"))
-    feat_offsets, feat_values = _list_view(batch.column("features"))
+    box_offsets, box_values = list_offsets_values(batch.column("boxes"))
+    feat_offsets, feat_values = list_offsets_values(batch.column("features"))
     optional = {
         name: _optional_rows(batch.column(name), ARRAY_DTYPES[name])
         for name, _ in _OPTIONAL_COLUMNS
@@ -522,152 +524,11 @@ class FeatureStore:
         return digest.hexdigest()
 
     def to_mmap(self, cache_dir: str | Path, *, progress: bool = False) -> RegionFeatureTable:
-        """A memory-mapped random-access table of this store, converted once and cached in `cache_dir`.
+        """A memory-mapped random-access table of this store, converted once and cached in `cache_dir`
+        (see `pipeline.feature_table`)."""
+        from pipeline.feature_table import build_feature_table
 
-        The cache file name carries a key of the store's path and a fingerprint of its parts; a stale cache of
-        the same store is rebuilt (atomically) and the old file removed.
-        """
-        cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        store_key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]
-        target = cache_dir / f"regions-{store_key}-{self.fingerprint()[:16]}.arrow"
-        if not target.exists():
-            schema = pa.schema(
-                [
-                    pa.field("image_id", pa.string(), nullable=False),
-                    pa.field("image_w", pa.int32(), nullable=False),
-                    pa.field("image_h", pa.int32(), nullable=False),
-                    pa.field("num_boxes", pa.int32(), nullable=False),
-                    pa.field("boxes", pa.list_(pa.float32()), nullable=False),
-                    pa.field("features", pa.list_(_arrow_float(self.feature_dtype)), nullable=False),
-                ],
-                metadata={METADATA_KEY: json.dumps(self.metadata, sort_keys=True).encode()},
-            )
-            with (
-                atomic_output(target) as tmp_path,
-                pa.OSFile(str(tmp_path), "wb") as sink,
-                pa.ipc.new_file(sink, schema) as writer,
-                progress_bar("images", disable=not progress) as bar,
-            ):
-                task = bar.add_task("memory-map features", total=len(self))
-                for batch in self.iter_batches(batch_rows=256):
-                    bar.update(task, advance=batch.num_rows)
-                    writer.write_batch(
-                        pa.RecordBatch.from_arrays(batch.select(schema.names).columns, schema=schema)
-                    )
-            for stale in cache_dir.glob(f"regions-{store_key}-*.arrow"):
-                if stale != target:
-                    with contextlib.suppress(FileNotFoundError):
-                        stale.unlink()
-        return RegionFeatureTable(target)
-
-
-class RegionFeatureTable:
-    """Random access to region features through a memory-mapped Arrow IPC file.
-
-    `features(idx)` returns a read-only (n, D) view into the map: no copy and no anonymous memory, the OS page
-    cache holds what was touched. Pickles as its path, so DataLoader workers reopen the map themselves.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FeatureStoreError(f"{self.path}: memory-mapped feature table not found")
-        try:
-            self._source = pa.memory_map(str(self.path), "r")
-            reader = pa.ipc.open_file(self._source)
-        except (pa.ArrowException, OSError) as exc:
-            raise FeatureStoreError(f"{self.path}: not a readable Arrow IPC file: {exc}") from exc
-        metadata = json.loads((reader.schema.metadata or {}).get(METADATA_KEY, b"{}"))
-        self.metadata: dict[str, Any] = metadata
-        self.feature_dim = int(metadata["feature_dim"])
-        self.feature_dtype = str(metadata["feature_dtype"])
-        self._feature_offsets: list[np.ndarray] = []
-        self._feature_values: list[np.ndarray] = []
-        self._box_offsets: list[np.ndarray] = []
-        self._box_values: list[np.ndarray] = []
-        image_ids: list[str] = []
-        num_boxes: list[np.ndarray] = []
-        sizes: list[np.ndarray] = []
-        batch_rows: list[int] = []
-        for k in range(reader.num_record_batches):
-            batch = reader.get_batch(k)
-            feat_offsets, feat_values = _list_view(batch.column("features"))
-            box_offsets, box_values = _list_view(batch.column("boxes"))
-            self._feature_offsets.append(feat_offsets)
-            self._feature_values.append(feat_values)
-            self._box_offsets.append(box_offsets)
-            self._box_values.append(box_values)
-            image_ids.extend(batch.column("image_id").to_pylist())
-            num_boxes.append(batch.column("num_boxes").to_numpy())
-            sizes.append(
-                np.stack([batch.column("image_w").to_numpy(), batch.column("image_h").to_numpy()], 1)
-            )
-            batch_rows.append(batch.num_rows)
-        self.image_ids: list[str] = image_ids
-        self._num_boxes = np.concatenate(num_boxes) if num_boxes else np.zeros(0, dtype=np.int32)
-        self._sizes = np.concatenate(sizes) if sizes else np.zeros((0, 2), dtype=np.int32)
-        self._batch_starts = np.concatenate([[0], np.cumsum(batch_rows)]).astype(np.int64)
-        self._index = {image_id: i for i, image_id in enumerate(image_ids)}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])  # type: ignore[misc]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def index_of(self, image_id: str) -> int:
-        """Row index of an image id (KeyError naming the id when absent)."""
-        try:
-            return self._index[image_id]
-        except KeyError:
-            raise KeyError(f"{self.path}: image id {image_id!r} not in the feature table") from None
-
-    def _locate(self, idx: int) -> tuple[int, int]:
-        if not -len(self) <= idx < len(self):
-            raise IndexError(f"row {idx} out of range for a table of {len(self)} images")
-        idx %= len(self)
-        batch = int(np.searchsorted(self._batch_starts, idx, side="right") - 1)
-        return batch, idx - int(self._batch_starts[batch])
-
-    def num_boxes(self, idx: int) -> int:
-        """Number of regions of row `idx`."""
-        return int(self._num_boxes[idx])
-
-    @property
-    def all_num_boxes(self) -> np.ndarray:
-        """Region counts of every row (int32), e.g. for padding decisions."""
-        return self._num_boxes
-
-    def image_size(self, idx: int) -> tuple[int, int]:
-        """(image_w, image_h) of row `idx`."""
-        width, height = self._sizes[idx]
-        return int(width), int(height)
-
-    def features(self, idx: int) -> np.ndarray:
-        """(n, D) features of row `idx`: a read-only view into the memory map, in the stored dtype."""
-        batch, row = self._locate(idx)
-        offsets = self._feature_offsets[batch]
-        return self._feature_values[batch][offsets[row] : offsets[row + 1]].reshape(-1, self.feature_dim)
-
-    def boxes(self, idx: int) -> np.ndarray:
-        """(n, 4) boxes of row `idx`, a read-only view."""
-        batch, row = self._locate(idx)
-        offsets = self._box_offsets[batch]
-        return self._box_values[batch][offsets[row] : offsets[row + 1]].reshape(-1, 4)
-
-    def gather(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Features of several rows, zero-padded: ((B, max_n, D) float32, (B,) int64 lengths)."""
-        indices = [int(i) for i in np.asarray(indices).reshape(-1)]
-        lengths = np.array([self.num_boxes(i) for i in indices], dtype=np.int64)
-        max_n = int(lengths.max()) if len(indices) else 0
-        padded = np.zeros((len(indices), max_n, self.feature_dim), dtype=np.float32)
-        for slot, idx in enumerate(indices):
-            padded[slot, : lengths[slot]] = self.features(idx)
-        return padded, lengths
+        return build_feature_table(self, cache_dir, progress=progress)
 
 
 def column_types(store: FeatureStore) -> dict[str, str]:

@@ -42,6 +42,17 @@ from pipeline.checkpoint import (
     read_checkpoint_info,
     save_checkpoint,
 )
+from pipeline.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    gather_with_grad,
+    init_distributed,
+    shutdown,
+    wrap_model,
+)
+from pipeline.errors import UserError
+from pipeline.evaluation import model_scores
 from pipeline.loaders import (
     DataError,
     EpochBatchSampler,
@@ -52,24 +63,13 @@ from pipeline.loaders import (
     pair_loader,
     tokenize_captions,
 )
-from pipeline.distributed import (
-    DistributedContext,
-    all_reduce_mean,
-    barrier,
-    gather_with_grad,
-    init_distributed,
-    shutdown,
-    wrap_model,
-)
 from pipeline.metrics import retrieval_metrics
-from pipeline.evaluation import model_scores
-from pipeline.models.losses import hardest_negative_triplet_loss
 from pipeline.models.build import create_model
+from pipeline.models.losses import hardest_negative_triplet_loss
 from pipeline.params import TrainParams
 from pipeline.progress import progress_bar
 from pipeline.training_log import EpochRecord, append_epoch, read_training_log
 from pipeline.vocab import Vocabulary
-from pipeline.errors import UserError
 
 # Params that may change when a run is resumed: they do not alter the optimisation.
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "encode_batch_size", "val_block_size"})

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import atomic_output
+from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 from pipeline.store import (
     FeatureDtype,
@@ -25,7 +26,6 @@ from pipeline.store import (
     FeatureStoreWriter,
     RegionRecord,
 )
-from pipeline.errors import UserError
 
 TSV_FIELDS: tuple[str, ...] = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 

@@ -55,17 +55,12 @@ def detector_config_for(params: ExtractParams) -> DetectorConfig:
 
 def _vocabulary(path: str, expected: int, what: str) -> list[str]:
     """Names from an objects/attributes vocabulary file (one per line), checked against the head size."""
-    from extractors.bua.detector import read_vocabulary
+    from pipeline.labels import LabelVocabularyError, read_label_vocabulary
 
     try:
-        names = read_vocabulary(path)
-    except (OSError, ValueError) as exc:
-        raise DetectorSetupError(f"{what} vocabulary: {exc}") from None
-    if len(names) != expected:
-        raise DetectorSetupError(
-            f"{path}: {len(names)} {what} names, but the detector has {expected} {what} classes"
-        )
-    return names
+        return read_label_vocabulary(path, expected, what)
+    except LabelVocabularyError as exc:
+        raise DetectorSetupError(str(exc)) from None
 
 
 @dataclass

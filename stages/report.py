@@ -30,6 +30,11 @@ def report_command(
     protocol: str | None = typer.Option(
         None, "--protocol", help="Evaluation protocol (default: metrics.json, else params evaluate.protocol)."
     ),
+    objects_vocab: Path | None = typer.Option(
+        None,
+        "--objects-vocab",
+        help="objects_vocab.txt for box labels (default: names in the store metadata).",
+    ),
     templates: Path | None = typer.Option(
         None,
         "--templates",
@@ -57,6 +62,7 @@ def report_command(
         train_dir=train_dir,
         splits=splits,
         params=params,
+        objects_vocab=objects_vocab,
     )
     with user_errors():
         outputs = write_report(

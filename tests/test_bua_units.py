@@ -12,7 +12,7 @@ from bua_recipe import recipe_weights
 
 from extractors.bua.anchors import generate_cell_anchors
 from extractors.bua.config import DetectorConfig
-from extractors.bua.detector import BottomUpAttentionDetector, name_regions, read_vocabulary
+from extractors.bua.detector import BottomUpAttentionDetector
 from extractors.bua.preprocess import compute_scale, feature_size, image_blob
 from extractors.bua.proposals import greedy_nms
 from extractors.bua.roi_head import RoIHeadOutput, roi_feature_coords
@@ -294,25 +294,6 @@ def test_tiny_fast_mode_runs_and_keeps_float32_outputs(tiny_detector: BottomUpAt
     assert torch.backends.cudnn.allow_tf32 is not None  # flags restored without error
     with pytest.raises(ValueError, match="unknown precision"):
         tiny_detector.detect(images, precision="fp8")  # type: ignore[arg-type]
-
-
-def test_vocabulary_names(tmp_path: Path, tiny_detector: BottomUpAttentionDetector) -> None:
-    config = tiny_detector.config
-    objects = tmp_path / "objects_vocab.txt"
-    objects.write_text("\n".join(f"object{i},synonym" for i in range(config.num_classes)) + "\n")
-    attributes = tmp_path / "attributes_vocab.txt"
-    attributes.write_text("\n".join(f"attr{i}" for i in range(config.num_attributes)) + "\n")
-    regions = tiny_detector.detect(
-        _synthetic_images()[:1],
-        object_vocab=read_vocabulary(objects),
-        attribute_vocab=read_vocabulary(attributes),
-    )[0]
-    assert regions.object_names == [f"object{i}" for i in regions.object_ids]
-    assert regions.attribute_names == [f"attr{i}" for i in regions.attribute_ids]
-    with pytest.raises(ValueError, match="out of range"):
-        name_regions(regions, object_vocab=["only-one"])
-    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
-        read_vocabulary(tmp_path / "missing.txt")
 
 
 def test_batched_sweep_equals_per_image_selection(bua_fixtures: Path) -> None:

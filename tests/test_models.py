@@ -9,15 +9,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from pipeline.evaluation import encode_and_score, ensemble_scores
 from pipeline.models.build import create_model
 from pipeline.models.config import ScanConfig
-from pipeline.evaluation import encode_and_score, ensemble_scores
+from pipeline.models.encoders import ImageEncoder, TextEncoder, l2norm
 from pipeline.models.ensemble import average_scores
 from pipeline.models.losses import hardest_negative_triplet_loss
 from pipeline.models.registry import list_models, model_config
 from pipeline.models.scan import SCAN
 from pipeline.models.xattn import xattn_scores
-from pipeline.models.encoders import ImageEncoder, TextEncoder, l2norm
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

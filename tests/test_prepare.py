@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.captions import read_captions
-from pipeline.splits import DatasetError, check_images_present, prepare_karpathy, write_prepared
 from pipeline.sample import generate_sample
+from pipeline.splits import DatasetError, check_images_present, prepare_karpathy, write_prepared
 from stages.cli import app
 
 

@@ -332,3 +332,17 @@ def test_custom_templates_restyle_the_report(untrained_run: dict[str, Path], tmp
     (templates / "report.md.j2").write_text("{% for section in page.sections %}")
     with pytest.raises(ReportError, match=r"report\.md\.j2"):
         build_report(inputs, tmp_path / "report", template_dir=templates)
+
+
+def test_objects_vocab_file_replaces_the_store_names(untrained_run: dict[str, Path], tmp_path: Path) -> None:
+    vocab = tmp_path / "objects_vocab.txt"
+    vocab.write_text("background\ngreen circle,disc\n")
+    sources = dataclasses.replace(_sources(untrained_run), objects_vocab=vocab)
+    inputs = load_inputs(sources, ReportParams(num_examples=1, top_k=3), dataset="sample")
+    assert inputs.object_names == ["background", "green circle"]
+    with pytest.raises(UserError, match=r"nowhere\.txt: vocabulary file not found"):
+        load_inputs(
+            dataclasses.replace(sources, objects_vocab=tmp_path / "nowhere.txt"),
+            ReportParams(num_examples=1, top_k=3),
+            dataset="sample",
+        )

@@ -12,6 +12,7 @@ from synthetic import SyntheticDataset, make_synthetic_dataset
 
 from pipeline.captions import write_captions
 from pipeline.checkpoint import OPTIMIZER_FILE, load_model, read_checkpoint_info
+from pipeline.evaluation import evaluate_run
 from pipeline.loaders import (
     EpochBatchSampler,
     PairDataset,
@@ -21,7 +22,6 @@ from pipeline.loaders import (
     tokenize_captions,
 )
 from pipeline.metrics import METRIC_KEYS
-from pipeline.evaluation import evaluate_run
 from pipeline.params import TrainParams
 from pipeline.train import TrainingError, train
 from pipeline.vocab import Vocabulary

@@ -1,8 +1,9 @@
 """The bottom-up-attention detector: decoded BGR images in, generate_tsv regions (boxes, 2048-d features) out.
 
-It does no file I/O: the runner decodes images and writes stores. Several images share one backbone pass as a
-zero-padded batch; every stage that could read the padding is masked so each image's result equals a
-one-image run (up to float summation order).
+It does no file I/O (no images, weights or vocabularies): callers decode images, load weights into it and
+write stores; class ids are vocabulary line numbers that callers name. Several images share one backbone
+pass as a zero-padded batch; every stage that could read the padding is masked so each image's result equals
+a one-image run (up to float summation order).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -40,8 +40,6 @@ class RegionDetections:
     attribute_conf: np.ndarray  # (n,) float32
     image_w: int
     image_h: int
-    object_names: list[str] | None = None
-    attribute_names: list[str] | None = None
 
     @property
     def num_boxes(self) -> int:
@@ -64,40 +62,6 @@ class ImageTrace:
     selection: Selection
     detections: RegionDetections
     extra: dict[str, object] = field(default_factory=dict)
-
-
-def read_vocabulary(path: str | Path) -> list[str]:
-    """Lines of objects_vocab.txt / attributes_vocab.txt; a line may list synonyms separated by commas."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: vocabulary file not found")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names:
-        raise ValueError(f"{path}: vocabulary file is empty")
-    return names
-
-
-def name_regions(
-    detections: RegionDetections,
-    object_vocab: Sequence[str] | None = None,
-    attribute_vocab: Sequence[str] | None = None,
-) -> RegionDetections:
-    """Fill object/attribute names from vocabularies (first synonym of each line); ids must be in range."""
-
-    def lookup(ids: np.ndarray, vocab: Sequence[str], what: str) -> list[str]:
-        if ids.size and int(ids.max()) >= len(vocab):
-            raise ValueError(
-                f"{what} id {int(ids.max())} is out of range for a vocabulary of {len(vocab)} lines"
-            )
-        return [vocab[int(i)].split(",")[0] for i in ids]
-
-    if object_vocab is not None:
-        detections.object_names = lookup(detections.object_ids, object_vocab, "object")
-    if attribute_vocab is not None:
-        detections.attribute_names = lookup(detections.attribute_ids, attribute_vocab, "attribute")
-    return detections
 
 
 @contextlib.contextmanager
@@ -214,12 +178,10 @@ class BottomUpAttentionDetector(nn.Module):
         *,
         precision: Precision = "exact",
         roi_chunk_size: int = 300,
-        object_vocab: Sequence[str] | None = None,
-        attribute_vocab: Sequence[str] | None = None,
     ) -> list[RegionDetections]:
         """Regions of several decoded uint8 HxWx3 BGR images, computed in one padded forward pass."""
         traces = self.trace(images_bgr, precision=precision, roi_chunk_size=roi_chunk_size)
-        return [name_regions(t.detections, object_vocab, attribute_vocab) for t in traces]
+        return [trace.detections for trace in traces]
 
     @torch.inference_mode()
     def trace(

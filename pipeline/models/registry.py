@@ -80,7 +80,7 @@ def model_option_names(name: str) -> list[str]:
     return list(model_entry(name).config_class.model_fields)
 
 
-# Published Flickr30K/COCO settings (SCAN paper and official README); COCO i-t LSE uses lambda_lse=20 via an override.
+# Published Flickr30K/COCO settings (SCAN paper); COCO i-t LSE uses lambda_lse=20 via an override.
 for _name, _settings in {
     "scan_t2i_lse": {"direction": "t2i", "agg": "LogSumExp", "lambda_softmax": 9.0, "lambda_lse": 6.0},
     "scan_t2i_avg": {"direction": "t2i", "agg": "Mean", "lambda_softmax": 9.0},

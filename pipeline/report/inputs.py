@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.captions import CaptionTable, read_captions
 from pipeline.errors import UserError
+from pipeline.labels import display_names, read_label_vocabulary
 from pipeline.params import Params, PrepareParams, ReportParams, load_params
 from pipeline.report.chance import DIRECTIONS, RECALL_KS
 from pipeline.store import FeatureStore
@@ -41,6 +42,7 @@ class ReportSources:
     train_dir: Path | None = None  # metrics.jsonl, checkpoints/best/checkpoint.json
     splits: Path | None = None  # {train,val,test}/captions.parquet, for the dataset sizes
     params: Path | None = None  # params.yaml (schema defaults without it)
+    objects_vocab: Path | None = None  # objects_vocab.txt for box labels (default: the store metadata's)
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,13 @@ class ReportInputs:
     checkpoint: Mapping[str, Any] = field(default_factory=dict)  # checkpoint.json of the evaluated model
     ranks: Mapping[str, QueryRanks] | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # label -> path, listed in the report
+    object_vocabulary: Sequence[str] | None = None  # a user's objects_vocab.txt lines, else the store's
 
     @property
     def object_names(self) -> list[str] | None:
-        """Box labels: the first synonym per line of the objects vocabulary the extractor kept, if any."""
-        names = self.store.metadata.get("object_names")
-        return [str(name).split(",")[0].strip() for name in names] if isinstance(names, list) else None
+        """Box labels: the first synonym per vocabulary line (the given file's, else the extractor's)."""
+        lines = self.object_vocabulary or self.store.metadata.get("object_names")
+        return display_names(lines) if isinstance(lines, Sequence) and not isinstance(lines, str) else None
 
 
 def read_json_file(path: Path) -> Any:
@@ -188,4 +191,7 @@ def load_inputs(
         checkpoint=checkpoint,
         ranks=read_ranks(ranks_path) if ranks_path.exists() else None,
         sources={label: str(path) for label, path in sources_shown.items()},
+        object_vocabulary=(
+            read_label_vocabulary(sources.objects_vocab) if sources.objects_vocab is not None else None
+        ),
     )
