@@ -36,9 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extractors.bua.detector import RegionDetections
+from extractors.bua.factory import build_detector
 from pipeline.distributed import resolve_device
 from pipeline.params import ExtractParams
-from stages.extract import load_detector
 
 
 def synthetic_scenes(count: int, width: int, height: int, seed: int) -> list[np.ndarray]:
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     params = ExtractParams(arch=args.arch, weights=args.weights, device=args.device, seed=args.seed)
     device = resolve_device(params.device)
-    loaded = load_detector(params)
+    loaded = build_detector(params.weights, arch=params.arch, seed=params.seed)
     detector = loaded.detector.to(device)
     fast = args.precision or ("tf32" if device.type == "cuda" else "bf16")
     images = synthetic_scenes(args.num_images, args.width, args.height, args.seed)

@@ -138,7 +138,7 @@ def list_parts(root: str | Path) -> list[Path]:
 def existing_ids(root: str | Path) -> set[str]:
     """Image ids already stored under `root` (empty when the directory or its parts do not exist yet).
 
-    Reads only the `image_id` column of each part: the extractor calls it to skip finished images on resume.
+    Reads only the `image_id` column of each part: a cheap check of what a directory already holds.
     """
     root = Path(root)
     if not root.is_dir():

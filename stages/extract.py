@@ -9,24 +9,19 @@ the command runs: `scan-pipe --help` imports every stage.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.errors import UserError
 from pipeline.params import ExtractParams
-from stages._shell import EXIT_USAGE, SET_HELP, error_console, stage_section, user_errors
+from stages._shell import EXIT_USAGE, SET_HELP, error_console, fail, stage_section, user_errors
 
 if TYPE_CHECKING:
-    from extractors.bua.config import DetectorConfig
-    from extractors.bua.detector import BottomUpAttentionDetector
+    from extractors.bua.factory import BuiltDetector
     from pipeline.extraction import ExtractSummary
 
 EXIT_IMAGES_FAILED = 3
@@ -34,100 +29,40 @@ _HELP_PRECISION = (
     "exact = float32 with TF32 off (matches the Caffe reference); tf32 / bf16 / fp16 = fast modes"
 )
 
-
-class DetectorSetupError(UserError):
-    """The detector cannot be built as asked (weights, vocabulary or detector settings)."""
-
-
-def detector_config_for(params: ExtractParams) -> DetectorConfig:
-    """The detector configuration of a run: architecture defaults, box mode, then explicit overrides."""
-    from extractors.bua.config import DetectorConfig
-
-    base = DetectorConfig.tiny() if params.arch == "tiny" else DetectorConfig()
-    config = base.with_box_mode("adaptive" if params.boxes == "adaptive" else "fixed")
-    names = ("test_scale", "max_size", "pre_nms_top_n", "post_nms_top_n")
-    overrides = {name: getattr(params, name) for name in names if getattr(params, name) is not None}
-    try:
-        return DetectorConfig.model_validate({**config.model_dump(), **overrides}) if overrides else config
-    except ValueError as exc:
-        raise DetectorSetupError(f"invalid detector settings {overrides}: {exc}") from None
+# The ExtractParams keys that describe the detector (the rest describe the run).
+DETECTOR_KEYS = (
+    "weights",
+    "arch",
+    "boxes",
+    "seed",
+    "test_scale",
+    "max_size",
+    "pre_nms_top_n",
+    "post_nms_top_n",
+)
 
 
-def _vocabulary(path: str, expected: int, what: str) -> list[str]:
-    """Names from an objects/attributes vocabulary file (one per line), checked against the head size."""
-    from pipeline.labels import LabelVocabularyError, read_label_vocabulary
+def load_detector(params: ExtractParams) -> BuiltDetector:
+    """The detector `params` describe, with the class vocabularies it names recorded in its metadata."""
+    from extractors.bua.factory import DetectorSetupError, build_detector
+    from extractors.bua.weights import WeightsError
+    from pipeline.labels import read_label_vocabulary
 
     try:
-        return read_label_vocabulary(path, expected, what)
-    except LabelVocabularyError as exc:
-        raise DetectorSetupError(str(exc)) from None
-
-
-@dataclass
-class LoadedDetector:
-    """The detector (on the CPU; the engine moves it) and what the store records about how it was made."""
-
-    detector: BottomUpAttentionDetector
-    metadata: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def weights_sha256(self) -> str:
-        return str(self.metadata["weights_sha256"])
-
-    @property
-    def untrained(self) -> bool:
-        return bool(self.metadata["untrained"])
-
-
-def load_detector(params: ExtractParams) -> LoadedDetector:
-    """Build the detector of `params` and load its weights (`random`: seeded initialisation, untrained)."""
-    import torch
-
-    from extractors.bua.detector import BottomUpAttentionDetector
-    from extractors.bua.weights import WEIGHTS_NOT_GIVEN_MESSAGE, load_weights
-
-    if params.weights is None:
-        raise DetectorSetupError(
-            f"{WEIGHTS_NOT_GIVEN_MESSAGE} (option --weights, or extract.weights in params.yaml)"
-        )
-    config = detector_config_for(params)
-    metadata: dict[str, Any] = {
-        "extractor": "bottom-up-attention",
-        "arch": params.arch,
-        "detector_config": config.model_dump(mode="json"),
-        "weights": params.weights,
-        "untrained": params.weights == "random",
-    }
+        built = build_detector(**params.model_dump(include=set(DETECTOR_KEYS)))
+    except (DetectorSetupError, WeightsError) as exc:  # extractors/ has its own errors: it cannot see ours
+        hint = " (option --weights, or extract.weights in params.yaml)" if params.weights is None else ""
+        fail(f"{exc}{hint}", code=EXIT_USAGE)
+    config = built.detector.config
     if params.objects_vocab:
-        metadata["object_names"] = _vocabulary(params.objects_vocab, config.num_classes, "object")
+        built.metadata["object_names"] = read_label_vocabulary(
+            params.objects_vocab, config.num_classes, "object"
+        )
     if params.attributes_vocab:
-        metadata["attribute_names"] = _vocabulary(params.attributes_vocab, config.num_attributes, "attribute")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
-        detector = BottomUpAttentionDetector(config)
-    notes: list[str] = []
-    if params.weights == "random":
-        digest = hashlib.sha256()  # of the initialised tensors in state-dict order: names the seed's weights
-        for name, tensor in detector.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
-        metadata.update(weights_sha256=digest.hexdigest(), weights_seed=params.seed)
-    else:
-        path = Path(params.weights)
-        if not path.is_file():
-            raise DetectorSetupError(
-                f"{path}: weights file not found (--weights FILE, or 'random' for an untrained detector)"
-            )
-        try:
-            with warnings.catch_warnings():  # an anchor mismatch is in the report, printed by the command
-                warnings.simplefilter("ignore")
-                report = load_weights(detector, path)
-        except (ValueError, KeyError, OSError, RuntimeError) as exc:
-            raise DetectorSetupError(f"{path}: cannot load detector weights: {exc}") from None
-        notes.append(report.summary())
-        metadata["weights_sha256"] = str(report.sha256)
-    return LoadedDetector(detector.eval(), metadata, notes)
+        built.metadata["attribute_names"] = read_label_vocabulary(
+            params.attributes_vocab, config.num_attributes, "attribute"
+        )
+    return built
 
 
 def print_summary(console: Console, summary: ExtractSummary, out: Path) -> None:
@@ -195,7 +130,7 @@ def extract_command(
     with user_errors(code=EXIT_USAGE):
         from pipeline.extraction import extract_images
 
-        loaded = load_detector(settings)
+        loaded = load_detector(settings)  # before any image is listed: a bad weights file fails at once
         if loaded.untrained and is_main:
             error_console.print(
                 f"[bold yellow]warning:[/] --weights random: untrained detector (seed {settings.seed}); the "

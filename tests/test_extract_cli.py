@@ -22,12 +22,13 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from extractors.bua.factory import detector_config
 from extractors.bua.weights import WEIGHTS_NOT_GIVEN_MESSAGE
 from pipeline.images import list_images
 from pipeline.params import ExtractParams
 from pipeline.store import FeatureStore, list_parts
 from stages.cli import app
-from stages.extract import EXIT_IMAGES_FAILED, detector_config_for, load_detector
+from stages.extract import EXIT_IMAGES_FAILED, load_detector
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 10
@@ -157,7 +158,7 @@ def test_happy_path_store_metadata_and_summary(image_dir: Path, reference: tuple
     assert meta["precision"] == "exact" and meta["feature_dtype"] == "float32"
     assert meta["arch"] == "tiny" and meta["detector_config"]["box_mode"] == "fixed"
     assert meta["package_version"] and meta["extractor"] == "bottom-up-attention"
-    assert store.feature_dim == detector_config_for(ExtractParams(arch="tiny")).feature_dim
+    assert store.feature_dim == detector_config("tiny").feature_dim
     for record in store.iter_records():
         assert record.num_boxes == 36 and record.features.dtype == np.float32
         assert np.isfinite(record.features).all()
@@ -201,7 +202,11 @@ def test_same_seed_same_weights_other_seed_differs() -> None:
     first = load_detector(ExtractParams(arch="tiny", weights="random", seed=1))
     again = load_detector(ExtractParams(arch="tiny", weights="random", seed=1))
     other = load_detector(ExtractParams(arch="tiny", weights="random", seed=2))
-    assert first.weights_sha256 == again.weights_sha256 != other.weights_sha256
+    assert (
+        first.metadata["weights_sha256"]
+        == again.metadata["weights_sha256"]
+        != other.metadata["weights_sha256"]
+    )
 
 
 def test_list_file_input(image_dir: Path, reference: tuple[Path, object], tmp_path: Path) -> None:
@@ -585,7 +590,7 @@ def test_two_ranks_equal_a_single_process_run(
 
 
 def test_vocabulary_names_recorded_and_checked(image_dir: Path, tmp_path: Path) -> None:
-    config = detector_config_for(ExtractParams(arch="tiny"))
+    config = detector_config("tiny")
     objects = _write(
         tmp_path / "objects.txt", "\n".join(f"thing{i},synonym" for i in range(config.num_classes)).encode()
     )

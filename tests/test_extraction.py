@@ -78,7 +78,7 @@ def test_readme_example_extracts_a_folder_records_failures_and_resumes(
     assert (summary.total, summary.done, summary.skipped, summary.failed) == (4, 3, 0, 1)
     assert sorted(store.image_ids) == sorted(GOOD_IMAGES)
     assert store.metadata["untrained"] is True and store.metadata["feature_dtype"] == "float16"
-    feature_dim = first["loaded"].detector.config.feature_dim
+    feature_dim = first["built"].detector.config.feature_dim
     assert store.feature_dim == feature_dim
     for record in store.iter_records():
         assert (record.image_w, record.image_h) == (80, 60)
