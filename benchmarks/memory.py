@@ -156,8 +156,8 @@ def child(args: argparse.Namespace) -> None:
         pair_loader,
         tokenize_captions,
     )
+    from pipeline.models.build import create_model
     from pipeline.models.losses import hardest_negative_triplet_loss
-    from pipeline.models.registry import create_model
     from pipeline.vocab import Vocabulary
 
     torch.set_num_threads(1)
