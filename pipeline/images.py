@@ -1,22 +1,32 @@
 """Finding and decoding the images of a dataset, robustly, the way the Caffe reference read them.
 
-The reference extractor called `cv2.imread(path)` (IMREAD_COLOR): every image becomes 8-bit, 3-channel BGR,
-with grayscale replicated, alpha dropped, palettes expanded, 16-bit samples reduced to their high byte and
-CMYK converted by libjpeg. We decode with `cv2.imdecode(..., IMREAD_COLOR)` from the file's bytes, which runs
-the same code (and works for non-ASCII paths on every platform).
+The reference extractor called `cv2.imread(path)` (IMREAD_COLOR) under OpenCV 2.4: every image becomes 8-bit,
+3-channel BGR, with grayscale replicated, alpha dropped, palettes expanded, 16-bit samples reduced to their
+high byte and CMYK converted by libjpeg. We decode with `cv2.imdecode` from the file's bytes, which runs the
+same code (and works for non-ASCII paths on every platform). OpenCV 2.4 did not apply the EXIF orientation
+tag; OpenCV >= 3.1 does, so the EXIF policy is explicit (`exif="ignore"`, the reference's behaviour, adds
+IMREAD_IGNORE_ORIENTATION; `"apply"` rotates as today's `cv2.imread` does) and the tag is reported either way.
 
-Before decoding, the JPEG/PNG header is parsed here so that bad input is refused with a reason instead of
-crashing a worker or eating all memory: empty files, files that are not JPEG/PNG, truncated files (a JPEG
-without its end-of-image marker, a PNG without its IEND chunk: some OpenCV versions silently grey-fill those)
-and decompression bombs (dimensions read from the header and checked against a pixel limit before any
-allocation).
+Before decoding, the JPEG/PNG structure is parsed here so that bad input is refused with a reason instead of
+crashing a worker or eating all memory: empty files, files that are not JPEG/PNG (described by type, never by
+their bytes), truncated files (a JPEG whose scan data stops early, a PNG without its IEND chunk) and
+decompression bombs (dimensions read from the header and checked against a pixel limit before any
+allocation). A JPEG that lacks only its end-of-image marker is decoded as libjpeg does (with a warning).
+
+Image ids are paths relative to the images root, kept byte-for-byte as the file system names them: no
+Unicode normalisation (an NFD name stays NFD), no case folding. An id that is not valid UTF-8 or holds
+control characters cannot be stored and is refused with an error record naming the file escaped.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 import struct
-from dataclasses import dataclass
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import cv2
@@ -25,15 +35,33 @@ import numpy as np
 from pipeline.errors import UserError
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
-# Same default limit as Pillow's `Image.MAX_IMAGE_PIXELS` (about 89.5 Mpx, a 1024 MiB 24-bit image / 4 / 3).
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Memory of one image on its way to the detector, per decoded pixel: the uint8 BGR image (3 bytes), then the
+# bottom-up-attention preprocessing's float32 copy (12) and the float64 result of the reference's mean
+# subtraction (24) alive at the same time: 39 bytes, 13x the decoded size (measured with tracemalloc).
+PREPROCESS_BYTES_PER_PIXEL = 39
+# 50 Mpx keeps that peak at 50e6 x 39 B = 1.95 GB (< 2 GiB) for the largest accepted image. Pillow's
+# 89.5 Mpx would allow 3.5 GB.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# No JPEG or PNG within the pixel limit is larger than this (16-bit RGBA stored uncompressed is 8 bytes a
+# pixel), so a bigger file is refused before it is read into memory.
+_MAX_FILE_BYTES_PER_PIXEL = 8
+_MAX_FILE_SLACK = 64 << 20  # metadata (ICC profiles, EXIF, text chunks)
+
+EXIF_POLICIES: tuple[str, ...] = ("ignore", "apply")
+# EXIF orientations that swap width and height (transpose, rotate 90 CW, transverse, rotate 90 CCW).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+JPEG_WITHOUT_END_MARKER = "JPEG without end-of-image marker (decoded as libjpeg does)"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8"
 # Start-of-frame markers carry the dimensions (C4 = DHT, C8 = JPG extension and CC = DAC are not frames).
 _JPEG_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_PROGRESSIVE_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # Markers without a length field.
 _JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+# The next marker after entropy-coded data: 0xFF (plus fill bytes) followed by anything but a stuffed zero or
+# a restart marker, which both belong to the data.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
 _PNG_COLOR_TYPES = {0: "gray", 2: "rgb", 3: "palette", 4: "gray+alpha", 6: "rgba"}
 
 # Well-known signatures of formats we do not accept, so the error says what the file really is.
@@ -45,6 +73,7 @@ _OTHER_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"MM\x00*", "TIFF"),
     (b"%PDF", "PDF"),
     (b"PK\x03\x04", "ZIP archive"),
+    (b"\x1f\x8b", "gzip archive"),
     (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
 )
 
@@ -64,14 +93,16 @@ class ImageDecodeError(UserError):
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """What the file header says, read without decoding pixels."""
+    """What the file's structure says, read without decoding pixels."""
 
     format: str  # "jpeg" or "png"
-    width: int
+    width: int  # as stored, before any EXIF orientation
     height: int
     channels: int
     bit_depth: int
     color: str  # gray, rgb, rgba, palette, gray+alpha, ycbcr, cmyk, ycck
+    orientation: int = 1  # EXIF orientation tag (1..8); 1 when absent or invalid
+    missing_end_marker: bool = False  # JPEG ending inside its last scan's data, every scan present
 
     @property
     def pixels(self) -> int:
@@ -85,36 +116,150 @@ class DecodedImage:
     image: np.ndarray
     header: ImageHeader
     conversion: str
+    warnings: tuple[str, ...] = ()  # accepted oddities, counted in the run summary
+
+
+@dataclass(frozen=True)
+class ImageRefusal:
+    """A file that never becomes an image id: `image_id` is its relative path, printable (escaped)."""
+
+    image_id: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class ImageListing:
+    """The image ids of a run, and the files refused before decoding (bad names, symlinks out of the root)."""
+
+    image_ids: list[str]
+    refused: list[ImageRefusal] = field(default_factory=list)
 
 
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def list_images(root: str | Path) -> list[str]:
-    """All jpg/jpeg/png files below `root` (recursive, case-insensitive suffix), sorted POSIX relative paths.
+def printable_id(image_id: str) -> str:
+    r"""`image_id` with what cannot be stored escaped: bytes that are not UTF-8 (surrogate escapes from the
+    file system) as `\xNN`, control characters as Python escapes (`\n`, `\x1b`)."""
+    if not any(_unstorable(char) for char in image_id):
+        return image_id
+    parts = []
+    for char in image_id:
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # os.fsdecode's escape of an undecodable byte
+            parts.append(f"\\x{ord(char) - 0xDC00:02x}")
+        elif _unstorable(char):
+            parts.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            parts.append(char)
+    return "".join(parts)
 
-    The relative path is the image id, so it must not depend on the platform or on the walk order.
+
+def _unstorable(char: str) -> bool:
+    return 0xD800 <= ord(char) <= 0xDFFF or unicodedata.category(char) == "Cc"
+
+
+def name_problem(image_id: str) -> str | None:
+    """Why `image_id` cannot be an id (it is stored as a UTF-8 string and written one per line), or None."""
+    if any(0xD800 <= ord(char) <= 0xDFFF for char in image_id):
+        return "file name is not valid UTF-8 (the id could not be stored); rename the file"
+    if any(unicodedata.category(char) == "Cc" for char in image_id):
+        return "file name contains control characters (newline, tab, escape, ...); rename the file"
+    return None
+
+
+def _inside(real_path: str, real_root: str) -> bool:
+    return real_path == real_root or real_path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _outside_root(relative: str, target: str) -> ImageRefusal:
+    return ImageRefusal(
+        printable_id(relative),
+        "symlink_outside_root",
+        f"symlink outside images root (leads to {printable_id(target)}; extract.follow_symlinks: true "
+        "follows it)",
+    )
+
+
+def scan_images(root: str | Path, *, follow_symlinks: bool = False) -> ImageListing:
+    """Every jpg/jpeg/png file below `root` (recursive, case-insensitive suffix), as sorted POSIX relative
+    paths, plus what is refused instead of listed.
+
+    The relative path is the image id, kept byte-for-byte as the file system names it (no Unicode
+    normalisation), so it depends neither on the platform nor on the walk order. Refused, each with a
+    record: names that are not valid UTF-8 or hold control characters; symlinks (to a file or a folder)
+    that lead outside `root`, unless `follow_symlinks`; symlinked folders that loop back to a folder
+    above them; subfolders that cannot be read. Symlinks inside `root` are followed.
     """
     root = Path(root)
     if not root.is_dir():
         raise ImageListError(f"{root}: images folder not found (or not a directory)")
-    image_ids: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for filename in filenames:
-            if _is_image_name(filename):
-                relative = Path(dirpath, filename).relative_to(root)
-                image_ids.append(relative.as_posix())
-    image_ids.sort()
-    return image_ids
+    real_root = os.path.realpath(root)
+    listing = ImageListing([])
+    # (id prefix, folder path, real paths of the folder and its ancestors: a symlink back to one is a loop)
+    stack: list[tuple[str, str, tuple[str, ...]]] = [("", os.fspath(root), (real_root,))]
+    while stack:
+        prefix, folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            if not prefix:
+                raise ImageListError(f"{root}: cannot list the images folder: {exc.strerror}") from None
+            listing.refused.append(
+                ImageRefusal(printable_id(prefix[:-1]), "unreadable", f"cannot list folder: {exc.strerror}")
+            )
+            continue
+        for entry in reversed(entries):  # the stack pops in name order
+            relative = prefix + entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if not is_dir and not _is_image_name(entry.name):
+                continue
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                if not follow_symlinks and not _inside(real, real_root):
+                    listing.refused.append(_outside_root(relative, real))
+                    continue
+            else:
+                real = os.path.join(ancestors[-1], entry.name)
+            if is_dir:
+                if real in ancestors:
+                    listing.refused.append(
+                        ImageRefusal(
+                            printable_id(relative),
+                            "symlink_loop",
+                            "symlink loop: the folder leads back to a folder above it",
+                        )
+                    )
+                else:
+                    stack.append((relative + "/", entry.path, (*ancestors, real)))
+                continue
+            problem = name_problem(relative)
+            if problem is None:
+                listing.image_ids.append(relative)
+            else:
+                listing.refused.append(ImageRefusal(printable_id(relative), "invalid_name", problem))
+    listing.image_ids.sort()
+    listing.refused.sort(key=lambda refusal: refusal.image_id)
+    return listing
+
+
+def list_images(root: str | Path, *, follow_symlinks: bool = False) -> list[str]:
+    """The image ids of `scan_images` (what it refuses is left out)."""
+    return scan_images(root, follow_symlinks=follow_symlinks).image_ids
 
 
 def read_image_list(list_file: str | Path) -> list[str]:
-    """Image ids from a list file: one path per line, relative to the images folder, in file order.
+    r"""Image ids from a list file: one path per line, relative to the images folder, in file order.
 
-    Blank lines and lines starting with `#` are ignored. Absolute paths, paths leaving the images folder and
-    duplicates are errors naming the line, because they would give ambiguous or colliding image ids.
+    Entries are kept as written (on POSIX a `\` is part of a file name, not a separator; no Unicode
+    normalisation); only surrounding whitespace, `./` and doubled slashes are dropped. Blank lines and lines
+    starting with `#` are ignored. Absolute paths, paths leaving the images folder and duplicates are errors
+    naming the line, because they would give ambiguous or colliding image ids.
     """
     list_file = Path(list_file)
     if not list_file.is_file():
@@ -129,8 +274,10 @@ def read_image_list(list_file: str | Path) -> list[str]:
         line = raw_line.strip()
         if not line or line.startswith("#"):
             continue
-        path = PurePosixPath(line.replace("\\", "/"))
-        if path.is_absolute() or (len(line) > 1 and line[1] == ":"):
+        if os.name == "nt":  # Windows: either separator, and drive letters are absolute
+            line = line.replace("\\", "/")
+        path = PurePosixPath(line)
+        if path.is_absolute() or (os.name == "nt" and len(line) > 1 and line[1] == ":"):
             raise ImageListError(
                 f"{list_file}:{line_number}: {line!r} is absolute; paths must be relative to --images"
             )
@@ -149,30 +296,127 @@ def read_image_list(list_file: str | Path) -> list[str]:
     return image_ids
 
 
+def check_listed(
+    root: str | Path, image_ids: Iterable[str], *, follow_symlinks: bool = False
+) -> ImageListing:
+    """A list file's ids, minus the refused ones: names that cannot be stored, paths that a symlink leads
+    outside `root` (unless `follow_symlinks`), and entries that match a file only after Unicode normalisation
+    (ids are not normalised: an NFC entry does not name an NFD file). Missing files stay in: decoding
+    records them as not found."""
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    listing = ImageListing([])
+    for image_id in image_ids:
+        problem = name_problem(image_id)
+        if problem is not None:
+            listing.refused.append(ImageRefusal(printable_id(image_id), "invalid_name", problem))
+            continue
+        path = os.path.join(root, image_id)
+        if not follow_symlinks:
+            real = os.path.realpath(path)
+            if not _inside(real, real_root):
+                listing.refused.append(_outside_root(image_id, real))
+                continue
+        if not os.path.lexists(path):
+            variant = _normalised_variant(root, image_id)
+            if variant is not None:
+                form, name = variant
+                listing.refused.append(
+                    ImageRefusal(
+                        image_id,
+                        "not_found",
+                        f"file not found as written; its Unicode {form} form {name!r} exists (ids are kept "
+                        "byte-for-byte, not normalised: list the name as the file system spells it)",
+                    )
+                )
+                continue
+        listing.image_ids.append(image_id)
+    return listing
+
+
+def _normalised_variant(root: Path, image_id: str) -> tuple[str, str] | None:
+    for form in ("NFC", "NFD"):
+        name = unicodedata.normalize(form, image_id)
+        if name != image_id and os.path.lexists(os.path.join(root, name)):
+            return form, name
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The orientation tag (0x0112) of IFD0 in an EXIF TIFF block; 1 when absent or not 1..8."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    magic, ifd = struct.unpack(order + "HI", tiff[2:8])
+    if magic != 42 or ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind, number = struct.unpack(order + "HHI", tiff[entry : entry + 8])
+        if tag == 0x0112:
+            if kind != 3 or number < 1:  # SHORT
+                return 1
+            (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _scans_cover(
+    component_ids: list[int], scans: list[tuple[set[int], int, int, int]], progressive: bool
+) -> bool:
+    """Whether the scans code every coefficient of every component to full precision (sequential: every
+    component appears in a scan; progressive: every coefficient 0..63 in a scan with Al = 0)."""
+    for component in component_ids:
+        if not progressive:
+            if not any(component in members for members, _, _, _ in scans):
+                return False
+            continue
+        done = [False] * 64
+        for members, start, end, low_bit in scans:
+            if component in members and low_bit == 0:
+                for k in range(start, min(end, 63) + 1):
+                    done[k] = True
+        if not all(done):
+            return False
+    return True
+
+
 def _parse_jpeg_header(data: bytes) -> ImageHeader:
     size = len(data)
     position = 2
     frame: tuple[int, int, int, int] | None = None  # precision, height, width, components
+    component_ids: list[int] = []
+    progressive = False
     adobe_transform: int | None = None
+    orientation: int | None = None
+    scans: list[tuple[set[int], int, int, int]] = []  # components, Ss, Se, Al
+    ended_in_scan = False
     while True:
-        if position >= size:
-            raise ImageDecodeError("truncated JPEG: the file ends inside its header", "truncated")
-        if data[position] != 0xFF:
-            raise ImageDecodeError(
-                f"corrupt JPEG: expected a marker at byte {position}, found 0x{data[position]:02x}", "corrupt"
-            )
-        while position < size and data[position] == 0xFF:  # fill bytes
-            position += 1
-        if position >= size:
-            raise ImageDecodeError("truncated JPEG: the file ends inside its header", "truncated")
+        if scans:  # after the first scan header: skip entropy-coded data (and stray bytes) to the next marker
+            match = _JPEG_NEXT_MARKER.search(data, position)
+            if match is None:
+                ended_in_scan = True
+                break
+            position = match.start(1)
+        else:
+            if position >= size:
+                raise ImageDecodeError("truncated JPEG: the file ends inside its header", "truncated")
+            if data[position] != 0xFF:
+                raise ImageDecodeError(f"corrupt JPEG: no marker at byte {position}", "corrupt")
+            while position < size and data[position] == 0xFF:  # fill bytes
+                position += 1
+            if position >= size:
+                raise ImageDecodeError("truncated JPEG: the file ends inside its header", "truncated")
         marker = data[position]
         position += 1
         if marker in _JPEG_STANDALONE_MARKERS:
             continue
         if marker == 0xD9:
-            raise ImageDecodeError("corrupt JPEG: end-of-image marker before any image data", "corrupt")
+            if not scans:
+                raise ImageDecodeError("corrupt JPEG: end-of-image marker before any image data", "corrupt")
+            break
         if position + 2 > size:
-            raise ImageDecodeError("truncated JPEG: the file ends inside its header", "truncated")
+            raise ImageDecodeError("truncated JPEG: the file ends inside a header segment", "truncated")
         (length,) = struct.unpack(">H", data[position : position + 2])
         if length < 2:
             raise ImageDecodeError(f"corrupt JPEG: segment length {length} at byte {position}", "corrupt")
@@ -180,21 +424,33 @@ def _parse_jpeg_header(data: bytes) -> ImageHeader:
         if segment_end > size:
             raise ImageDecodeError("truncated JPEG: the file ends inside a header segment", "truncated")
         payload = data[position + 2 : segment_end]
-        if marker in _JPEG_SOF_MARKERS:
+        if marker in _JPEG_SOF_MARKERS and frame is None:
             if len(payload) < 6:
                 raise ImageDecodeError("corrupt JPEG: start-of-frame segment too short", "corrupt")
             frame = struct.unpack(">BHHB", payload[:6])
+            component_ids = list(payload[6 : 6 + 3 * frame[3] : 3])
+            progressive = marker in _JPEG_PROGRESSIVE_MARKERS
+        elif marker == 0xE1 and orientation is None and payload.startswith(b"Exif\x00\x00"):
+            orientation = _exif_orientation(payload[6:])
         elif marker == 0xEE and payload.startswith(b"Adobe") and len(payload) >= 12:
             adobe_transform = payload[11]
         elif marker == 0xDA:
             if frame is None:
                 raise ImageDecodeError("corrupt JPEG: image data before any start-of-frame header", "corrupt")
-            # Entropy-coded data never contains FF D9 (0xFF bytes are stuffed), so its first occurrence after
-            # the scan header is the end-of-image marker; without it the file was cut short.
-            if data.find(b"\xff\xd9", segment_end) < 0:
-                raise ImageDecodeError("truncated JPEG: no end-of-image marker (file cut short)", "truncated")
-            break
+            count = payload[0] if payload else 0
+            if len(payload) < 1 + 2 * count + 3:
+                raise ImageDecodeError("corrupt JPEG: start-of-scan segment too short", "corrupt")
+            members = set(payload[1 : 1 + 2 * count : 2])
+            start, end, bits = payload[1 + 2 * count : 4 + 2 * count]
+            scans.append((members, start, end, bits & 0x0F))
         position = segment_end
+    # Without its end-of-image marker a JPEG is still whole when every scan is there and the last one's data
+    # is complete; libjpeg decodes it with a warning. Missing scans are truncation; the last scan's data is
+    # checked when decoding (`_decode_without_end_marker`).
+    if ended_in_scan and not _scans_cover(component_ids, scans, progressive):
+        raise ImageDecodeError(
+            "truncated JPEG: no end-of-image marker and scans are missing (file cut short)", "truncated"
+        )
     precision, height, width, components = frame
     if width == 0 or height == 0:
         raise ImageDecodeError(f"unsupported JPEG: header gives size {width}x{height}", "unsupported")
@@ -206,7 +462,7 @@ def _parse_jpeg_header(data: bytes) -> ImageHeader:
         color = "ycck" if adobe_transform == 2 else "cmyk"
     else:
         raise ImageDecodeError(f"unsupported JPEG: {components} colour components", "unsupported")
-    return ImageHeader("jpeg", width, height, components, precision, color)
+    return ImageHeader("jpeg", width, height, components, precision, color, orientation or 1, ended_in_scan)
 
 
 def _parse_png_header(data: bytes) -> ImageHeader:
@@ -222,10 +478,12 @@ def _parse_png_header(data: bytes) -> ImageHeader:
     if width == 0 or height == 0:
         raise ImageDecodeError(f"corrupt PNG: header gives size {width}x{height}", "corrupt")
     seen_image_data = False
+    orientation = 1
     while True:
         if position + 8 > size:
             raise ImageDecodeError("truncated PNG: no IEND chunk (file cut short)", "truncated")
         length, chunk_type = struct.unpack(">I4s", data[position : position + 8])
+        chunk_start = position + 8
         position += 12 + length
         if position > size:
             raise ImageDecodeError(
@@ -233,17 +491,44 @@ def _parse_png_header(data: bytes) -> ImageHeader:
             )
         if chunk_type == b"IDAT":
             seen_image_data = True
+        elif chunk_type == b"eXIf":
+            orientation = _exif_orientation(data[chunk_start : chunk_start + length])
         elif chunk_type == b"IEND":
             break
     if not seen_image_data:
         raise ImageDecodeError("corrupt PNG: no image data (IDAT) chunk", "corrupt")
     color = _PNG_COLOR_TYPES[color_type]
     channels = {"gray": 1, "rgb": 3, "palette": 1, "gray+alpha": 2, "rgba": 4}[color]
-    return ImageHeader("png", width, height, channels, bit_depth, color)
+    return ImageHeader("png", width, height, channels, bit_depth, color, orientation)
+
+
+def _describe_unknown(data: bytes) -> str:
+    """What a file without an image signature looks like, in words: never its bytes (errors are shared)."""
+    head = data[:512]
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+            return "a HEIF/HEIC image, only JPEG and PNG are read"
+        if brand.startswith(b"avi"):
+            return "an AVIF image, only JPEG and PNG are read"
+        return "an MP4/QuickTime-style media file"
+    stripped = head.lstrip().lower()
+    if stripped.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a download error page?)"
+    if stripped.startswith(b"<?xml") or stripped.startswith(b"<svg"):
+        return "XML/SVG text"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # text cut inside a character at the 512-byte mark is still text
+        text = head[: exc.start].decode("utf-8") if exc.start >= len(head) - 3 and len(data) > 512 else None
+    if text is not None and all(char.isprintable() or char in "\r\n\t" for char in text):
+        return "text"
+    return "binary data of an unknown format"
 
 
 def read_image_header(data: bytes) -> ImageHeader:
-    """Format, size and colour layout of a JPEG or PNG, validated for truncation without decoding pixels."""
+    """Format, size, colour layout and EXIF orientation of a JPEG or PNG, validated for truncation without
+    decoding pixels."""
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)", "empty")
     if data.startswith(_JPEG_SOI):
@@ -257,10 +542,10 @@ def read_image_header(data: bytes) -> ImageHeader:
             )
     if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
         raise ImageDecodeError("unsupported format: a WebP file, only JPEG and PNG are read", "unsupported")
-    preview = data[:8].hex(" ")
-    raise ImageDecodeError(
-        f"not an image: no JPEG or PNG signature (starts with bytes {preview})", "not_image"
-    )
+    description = _describe_unknown(data)
+    if description.startswith(("a HEIF", "an AVIF")):
+        raise ImageDecodeError(f"unsupported format: {description}", "unsupported")
+    raise ImageDecodeError(f"not an image: no JPEG or PNG signature (looks like {description})", "not_image")
 
 
 def describe_conversion(header: ImageHeader) -> str:
@@ -285,12 +570,43 @@ def describe_conversion(header: ImageHeader) -> str:
     return ", ".join(steps)
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
-    """Decode JPEG/PNG bytes to HxWx3 uint8 BGR exactly as `cv2.imread(path, IMREAD_COLOR)` would.
+def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+
+
+def _decode_without_end_marker(data: bytes, flags: int) -> np.ndarray | None:
+    """Decode a JPEG that lacks only its end-of-image marker, as libjpeg does (it supplies the marker).
+
+    The last scan's data may still be cut short: libjpeg then grey-fills the rest. To tell, the file is also
+    decoded with padding (zero bits, then one bits) before the marker: complete data leaves the padding
+    unread and gives the same pixels; cut data reads it as image data and gives other pixels.
+    """
+    end = b"\xff\xd9"
+    image = _imdecode(data + end, flags)
+    if image is None:
+        return None
+    for padding in (bytes(64), b"\xff\x00" * 32):
+        padded = _imdecode(data + padding + end, flags)
+        if padded is None or not np.array_equal(image, padded):
+            raise ImageDecodeError(
+                "truncated JPEG: no end-of-image marker and the image data stops early (file cut short)",
+                "truncated",
+            )
+    return image
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, exif: str = "ignore"
+) -> DecodedImage:
+    """Decode JPEG/PNG bytes to HxWx3 uint8 BGR as `cv2.imread(path, IMREAD_COLOR)` does, the EXIF
+    orientation tag ignored (`exif="ignore"`, as OpenCV 2.4 and so the Caffe reference) or applied
+    (`"apply"`, as OpenCV >= 3.1 does by default).
 
     Raises ImageDecodeError (with a `kind`) for empty, truncated, corrupt, non-image or oversized input; the
     size limit is checked on the header's dimensions before any pixel memory is allocated.
     """
+    if exif not in EXIF_POLICIES:
+        raise ValueError(f"exif must be one of {EXIF_POLICIES}, got {exif!r}")
     header = read_image_header(data)
     if header.pixels > max_pixels:
         raise ImageDecodeError(
@@ -298,7 +614,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
             f"{max_pixels} (possible decompression bomb; raise max_image_pixels to accept it)",
             "too_large",
         )
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR if exif == "apply" else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    warnings: tuple[str, ...] = ()
+    if header.missing_end_marker:
+        image = _decode_without_end_marker(data, flags)
+        warnings = (JPEG_WITHOUT_END_MARKER,)
+    else:
+        image = _imdecode(data, flags)
     if image is None:
         raise ImageDecodeError(
             f"OpenCV could not decode this {header.format.upper()} data (corrupt file)", "corrupt"
@@ -307,29 +629,53 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
         raise ImageDecodeError(
             f"decoder returned shape {image.shape} {image.dtype}, expected HxWx3 uint8", "decode_failed"
         )
-    # EXIF orientation (applied by IMREAD_COLOR, as by cv2.imread) may swap the header's width and height.
-    if sorted(image.shape[:2]) != sorted((header.height, header.width)):
+    expected = (header.height, header.width)
+    if exif == "apply" and header.orientation in _SWAPPING_ORIENTATIONS:
+        expected = (header.width, header.height)
+    if image.shape[:2] != expected:
         raise ImageDecodeError(
             f"decoded size {image.shape[1]}x{image.shape[0]} differs from the header's "
-            f"{header.width}x{header.height}",
+            f"{header.width}x{header.height} (EXIF orientation {header.orientation}, exif={exif})",
             "corrupt",
         )
-    return DecodedImage(np.ascontiguousarray(image), header, describe_conversion(header))
+    return DecodedImage(np.ascontiguousarray(image), header, describe_conversion(header), warnings)
 
 
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
-    """Read a file's bytes (np.fromfile: any path encoding) and decode it; see `decode_image`.
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file accepted for reading: no JPEG or PNG within `max_pixels` needs more."""
+    return _MAX_FILE_BYTES_PER_PIXEL * max_pixels + _MAX_FILE_SLACK
 
-    Raises ImageDecodeError for every per-image problem, including a missing or unreadable file, so that a
-    caller can record it and go on.
+
+def load_image(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, exif: str = "ignore"
+) -> DecodedImage:
+    """Read a regular file's bytes (any path encoding) and decode it; see `decode_image`.
+
+    Raises ImageDecodeError for every per-image problem, including a missing, unreadable, special (FIFO,
+    device) or oversized file, so that a caller can record it and go on.
     """
     path = Path(path)
     try:
-        data = np.fromfile(path, dtype=np.uint8).tobytes()
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageDecodeError("is a directory, not an image file", "not_found")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError("not a regular file (a FIFO, device or socket)", "not_image")
+        limit = max_file_bytes(max_pixels)
+        if info.st_size > limit:
+            raise ImageDecodeError(
+                f"file too large: {info.st_size} bytes, more than a JPEG/PNG within the pixel limit of "
+                f"{max_pixels} can take ({limit} bytes; raise max_image_pixels to accept it)",
+                "too_large",
+            )
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
     except FileNotFoundError:
         raise ImageDecodeError("file not found", "not_found") from None
     except IsADirectoryError:
         raise ImageDecodeError("is a directory, not an image file", "not_found") from None
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}", "unreadable") from None
-    return decode_image(data, max_pixels=max_pixels)
+    if len(data) > limit:
+        raise ImageDecodeError(f"file too large: more than {limit} bytes", "too_large")
+    return decode_image(data, max_pixels=max_pixels, exif=exif)

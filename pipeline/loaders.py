@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.captions import CaptionTable
 from pipeline.errors import UserError
-from pipeline.feature_table import RegionFeatureTable
-from pipeline.store import FeatureStore
+from pipeline.feature_table import RegionFeatureTable, cached_feature_table
 from pipeline.workers import worker_context
 
 
@@ -50,9 +49,9 @@ def default_cache_dir() -> Path:
 
 
 def open_feature_table(features_dir: str | Path, cache_dir: str | Path | None = None) -> RegionFeatureTable:
-    """The memory-mapped table of a feature store directory (converted once, then reused from the cache)."""
-    store = FeatureStore(features_dir)
-    return store.to_mmap(cache_dir if cache_dir is not None else default_cache_dir())
+    """The memory-mapped table of a feature store directory (converted once, then reused from the cache
+    without opening the store's parts)."""
+    return cached_feature_table(features_dir, cache_dir if cache_dir is not None else default_cache_dir())
 
 
 # --------------------------------------------------------------------------------------------- captions
@@ -113,22 +112,14 @@ def map_image_ids(
     captions_source: str | Path,
     features_source: str | Path,
 ) -> np.ndarray:
-    """Row index in `table` of each caption's image; an error naming both files lists ids the store lacks."""
-    rows = np.empty(len(image_ids), dtype=np.int64)
-    missing: list[str] = []
-    cache: dict[str, int] = {}
-    for position, image_id in enumerate(image_ids):
-        row = cache.get(image_id)
-        if row is None:
-            try:
-                row = table.index_of(image_id)
-            except KeyError:
-                missing.append(image_id)
-                row = -1
-            cache[image_id] = row
-        rows[position] = row
-    if missing:
-        unique_missing = list(dict.fromkeys(missing))
+    """Row index in `table` of each caption's image; an error naming both files lists ids the store lacks.
+
+    One vectorised lookup (`indices_of`: a hash pass over the mapped ids), not a dict of every stored id.
+    """
+    rows = table.indices_of(image_ids)
+    absent = np.flatnonzero(rows < 0)
+    if len(absent):
+        unique_missing = list(dict.fromkeys(image_ids[int(i)] for i in absent))
         raise DataError(
             f"{captions_source}: {len(unique_missing)} image id(s) have no features in {features_source}, "
             f"e.g. {unique_missing[:5]}"

@@ -74,7 +74,21 @@ class ExtractParams(Section):
     post_nms_top_n: int | None = Field(None, ge=1)
     rows_per_part: int = Field(512, ge=1)
     max_failures: int = Field(0, ge=0)  # more failed images than this -> exit code 3
-    max_image_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, checked on the header
+    # Decompression-bomb limit, checked on the header before decoding. Also the memory bound: one image takes
+    # 39 bytes a pixel on its way to the detector (3 decoded + 12 float32 + 24 float64 of the reference's
+    # mean subtraction: 13x the decoded size, pipeline.images.PREPROCESS_BYTES_PER_PIXEL), so 50 Mpx peaks
+    # at 1.95 GB (< 2 GiB); every other decoded image waiting in the loader holds 3 bytes a pixel.
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    # EXIF orientation tag: "ignore" decodes the stored pixels, as the 2017 Caffe environment's OpenCV 2.4
+    # did (the reference features); "apply" rotates/flips as cv2.imread does since OpenCV 3.1. Recorded in
+    # the store; a store made with the other policy is not resumed.
+    exif: Literal["ignore", "apply"] = "ignore"
+    # Symlinks (to files or folders) leading outside the images root are refused with an error record
+    # unless this is true; symlinks inside the root are followed either way.
+    follow_symlinks: bool = False
+    # Seconds one image may take to read and decode before it is recorded as a "timeout" and skipped (with
+    # loader workers, the first image of each worker also waits for the worker's start-up).
+    decode_timeout_s: float = Field(60.0, gt=0)
     objects_vocab: str | None = None  # objects_vocab.txt: class names recorded in the store metadata
     attributes_vocab: str | None = None
 

@@ -18,6 +18,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import UserError
 from pipeline.params import Params, ParamsError, Section, load_section
@@ -34,7 +35,10 @@ SET_HELP = "Override any key of this stage's params section, KEY=VALUE (YAML val
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print a red one-line error for a user mistake and exit (no traceback)."""
-    error_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    # The message may quote a file's own bytes (a tensor name, an id): print it as text, never as markup.
+    error_console.print(
+        f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code)
 
 

@@ -3,7 +3,7 @@
 A shell: merges params.yaml's `extract` section with the options, builds the detector (the one place that
 wires extractors/bua to the engine in pipeline.extraction), runs the engine, prints the summary. Exit codes:
 0 all images extracted (or failures within --max-failures), 2 bad options/inputs, 3 some images failed
-(listed in OUT/errors.jsonl; a rerun retries them). torch, the detector and the engine are imported when
+(listed in OUT/_errors.jsonl; a rerun retries them). torch, the detector and the engine are imported when
 the command runs: `scan-pipe --help` imports every stage.
 """
 
@@ -73,6 +73,8 @@ def print_summary(console: Console, summary: ExtractSummary, out: Path) -> None:
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("images", str(summary.total))
+    if summary.resume_message:
+        table.add_row("resumed", summary.resume_message.removeprefix("resuming: "))
     table.add_row("done", f"[green]{summary.done}[/]")
     table.add_row("skipped (already in the store)", str(summary.skipped))
     table.add_row("failed", f"[red]{summary.failed}[/]" if summary.failed else "0")
@@ -85,6 +87,10 @@ def print_summary(console: Console, summary: ExtractSummary, out: Path) -> None:
     for conversion, count in summary.conversions.items():
         if conversion not in ("YCbCr to BGR", "RGB to BGR"):
             table.add_row("converted", f"{count} x {conversion}")
+    for warning, count in summary.warnings.items():
+        table.add_row("warning", f"{count} x {warning}")
+    tagged = f"{summary.orientation_tagged} image(s) with an orientation tag other than 1"
+    table.add_row("EXIF", f"{summary.exif}; {tagged}")
     table.add_row("weights", "untrained (random)" if summary.untrained else summary.weights_sha256[:16])
     table.add_row("summary", str(out / SUMMARY_FILE))
     console.print(table)
@@ -118,7 +124,18 @@ def extract_command(
     objects_vocab: str | None = typer.Option(None, help="objects_vocab.txt: names kept in the metadata."),
     attributes_vocab: str | None = typer.Option(None, help="attributes_vocab.txt."),
     max_failures: int | None = typer.Option(None, help="Failed images tolerated before exit code 3."),
-    max_image_pixels: int | None = typer.Option(None, help="Refuse larger images (decompression bombs)."),
+    max_image_pixels: int | None = typer.Option(
+        None, help="Refuse larger images (decompression bombs; default 50 Mpx, < 2 GiB per image)."
+    ),
+    exif: str | None = typer.Option(
+        None, help="EXIF orientation: ignore (stored pixels, as the Caffe reference) or apply (rotate)."
+    ),
+    follow_symlinks: bool | None = typer.Option(
+        None, "--follow-symlinks/--no-follow-symlinks", help="Follow symlinks leading outside --images."
+    ),
+    decode_timeout_s: float | None = typer.Option(
+        None, help="Seconds one image may take to read and decode before it is recorded as a timeout."
+    ),
     params: Path | None = typer.Option(None, "--params", help="params.yaml (section `extract`)."),
     set_values: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:

@@ -1,4 +1,8 @@
-"""Stage `import-precomp`: SCAN's precomputed `{split}_ims.npy` + `{split}_caps.txt` into a feature store."""
+"""Stage `import-precomp`: SCAN's precomputed `{split}_ims.npy` + `{split}_caps.txt` into a feature store.
+
+`--out` becomes the feature store and holds nothing else; the captions go to `--captions-out` (default
+`<out>.captions.parquet`, beside the store directory). Image ids come from `{split}_ids.txt` when present.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +16,38 @@ from stages._shell import fail, user_errors
 
 
 def import_precomp_command(
-    data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
+    data: Path = typer.Option(
+        ..., "--data", help="Folder holding {split}_ims.npy, {split}_caps.txt and optionally {split}_ids.txt."
+    ),
     split: str = typer.Option(..., "--split", help="Split name, e.g. train, dev, test, testall."),
-    out: Path = typer.Option(..., "--out", help="Feature store directory to write (plus captions.parquet)."),
-    feature_dtype: str = typer.Option("float16", "--feature-dtype", help="float16 or float32."),
+    out: Path = typer.Option(
+        ..., "--out", help="Feature store directory to write; it holds only the store (no captions)."
+    ),
+    captions_out: Path | None = typer.Option(
+        None,
+        "--captions-out",
+        help="Captions table to write [default: OUT.captions.parquet, beside the store directory].",
+    ),
+    feature_dtype: str = typer.Option(
+        "float32",
+        "--feature-dtype",
+        help="Stored feature type: float32 (exact) or float16 (half the size; prints its rounding error).",
+    ),
     captions_per_image: int = typer.Option(
         5, "--captions-per-image", min=1, help="Consecutive captions per image."
     ),
     rows_per_part: int = typer.Option(512, "--rows-per-part", min=1, help="Images per Parquet part file."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a feature store already in --out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a feature store in --out and the --captions-out file."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Import precomputed SCAN features and captions (one .npy row per image, or one per caption)."""
+    """Import precomputed SCAN features and captions (one .npy row per image, or one per caption).
+
+    Rows with NaN or inf values refuse the whole import: every such row is named and nothing is written.
+    Boxes and image sizes are not in the precomputed data: they are stored as zeros and the store's metadata
+    says boxes_known: false, image_size_known: false.
+    """
     if feature_dtype not in ("float16", "float32"):
         raise typer.BadParameter(
             f"must be float16 or float32, got {feature_dtype!r}", param_hint="--feature-dtype"
@@ -38,6 +62,7 @@ def import_precomp_command(
             data,
             split,
             out,
+            captions_out=captions_out,
             feature_dtype=dtype,
             captions_per_image=captions_per_image,
             rows_per_part=rows_per_part,
@@ -49,13 +74,27 @@ def import_precomp_command(
         if result.rows_per_caption
         else "one row per image"
     )
-    Console().print(
-        f"imported {result.num_images} images x {result.regions} regions x {result.feature_dim} "
-        f"({feature_dtype}, {layout}) and {result.num_captions} captions -> {result.store_dir}, "
-        f"{result.captions_path}",
-        soft_wrap=True,
-        highlight=False,
+    ids = (
+        f"synthetic image ids {split}/000000... (no {split}_ids.txt in {data})"
+        if result.image_ids_source == "synthetic"
+        else f"image ids from {result.image_ids_source}"
     )
+    lines = [
+        f"imported {result.num_images} images x {result.regions} regions x {result.feature_dim} "
+        f"({result.feature_dtype}, {layout}) -> feature store {result.store_dir}",
+        f"{result.num_captions} captions -> {result.captions_path}",
+        ids,
+        "boxes and image sizes: not in precomputed data; stored as zeros meaning unknown "
+        "(metadata boxes_known: false, image_size_known: false)",
+    ]
+    if result.float16_max_abs_error is not None:
+        lines.append(
+            f"float16: max abs rounding error {result.float16_max_abs_error:.3g} on these features "
+            "(--feature-dtype float32 keeps them exact)"
+        )
+    console = Console()
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from stages._shell import fail
 
@@ -36,11 +37,12 @@ def convert(
 
     try:
         report = convert_checkpoint(in_path, out_path, background=background)  # type: ignore[arg-type]
-    except (WeightsError, OSError) as exc:  # the detector package's own error type (it cannot see pipeline/)
-        fail(str(exc))
+    except (WeightsError, OSError, MemoryError) as exc:  # the detector package's own error (no pipeline/)
+        fail(_error_line(exc, in_path))
     console = Console()
-    console.print(f"wrote {out_path}: {report.summary()}", highlight=False, soft_wrap=True)
-    console.print(f"sha256 {report.sha256}", highlight=False)
+    # Key names come from the file: printed as plain text, never parsed as rich markup.
+    console.print(f"wrote {out_path}: {report.summary()}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"sha256 {report.sha256}", highlight=False, markup=False)
 
 
 @weights_app.command("info")
@@ -50,8 +52,8 @@ def info(path: Path = typer.Argument(..., help="Checkpoint file to inspect.")) -
 
     try:
         details = checkpoint_info(path)
-    except (WeightsError, OSError) as exc:
-        fail(str(exc))
+    except (WeightsError, OSError, MemoryError) as exc:
+        fail(_error_line(exc, path))
     anchors = details.get("anchors_match")
     anchors_text = {
         None: "not stored (Caffe anchors generated)",
@@ -59,7 +61,7 @@ def info(path: Path = typer.Argument(..., help="Checkpoint file to inspect.")) -
         False: "DIFFER from Caffe's",
     }[anchors]
     table = Table(show_header=False)
-    table.add_row("file", details["path"])
+    table.add_row("file", Text(details["path"]))  # Text: names from the file are not rich markup
     table.add_row("format", details["format"])
     table.add_row("keys", str(details["num_keys"]))
     table.add_row("parameters", f"{details['num_parameters']:,}")
@@ -69,12 +71,19 @@ def info(path: Path = typer.Argument(..., help="Checkpoint file to inspect.")) -
         table.add_row("tensors sha256", details["tensors_sha256"])
         table.add_row("anchors", anchors_text)
         if details["conversions"]:
-            table.add_row("conversions", "; ".join(details["conversions"]))
+            table.add_row("conversions", Text("; ".join(details["conversions"])))
         if details["unexpected_keys"]:
-            table.add_row("unexpected keys", ", ".join(details["unexpected_keys"][:10]))
+            table.add_row("unexpected keys", Text(", ".join(details["unexpected_keys"][:10])))
     else:
-        table.add_row("fits detector", f"no: {details['error']}")
+        table.add_row("fits detector", Text(f"no: {details['error']}"))
     Console(width=200).print(table)
+
+
+def _error_line(exc: BaseException, path: Path) -> str:
+    """One line for `fail` (which prints it as text: the message quotes names from an untrusted file)."""
+    if isinstance(exc, MemoryError):
+        return f"{path}: not enough memory to read the checkpoint"
+    return " ".join(str(exc).split())
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
@@ -264,13 +265,26 @@ def test_malicious_pickle_is_rejected(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("protocol", [2, 4, 5])
-def test_numpy_pickles_of_any_protocol_are_admitted(tmp_path: Path, protocol: int) -> None:
-    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros((), np.int64)}
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_numpy_pickles_of_any_protocol_load_identically(tmp_path: Path, protocol: int) -> None:
+    """Every plain numeric dtype, byte order and memory order numpy pickles comes back bit for bit."""
+    arrays = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "i64_scalar": np.zeros((), np.int64),
+        "f64_big_endian_fortran": np.asfortranarray(np.arange(6, dtype=">f8").reshape(2, 3)),
+        "f16_strided": np.arange(12, dtype=np.float16).reshape(3, 4)[:, ::2],
+        "bool": np.array([True, False, True]),
+        "empty": np.zeros((0, 3), np.float32),
+        **{kind: np.arange(4).astype(kind) for kind in ("i1", "i2", "i4", "u1", "u2", "u4", "u8")},
+    }
     path = tmp_path / f"p{protocol}.pkl"
-    path.write_bytes(pickle.dumps({"model": arrays}, protocol=protocol))
+    metadata = {"__author__": "test", "matching_heuristics": True, "iteration": np.int64(3)}
+    path.write_bytes(pickle.dumps({"model": collections.OrderedDict(arrays), **metadata}, protocol=protocol))
     loaded = read_checkpoint(path)
-    np.testing.assert_array_equal(loaded["a"], arrays["a"])
+    assert list(loaded) == list(arrays)
+    for key, array in arrays.items():
+        assert loaded[key].dtype == array.dtype and loaded[key].shape == array.shape, key
+        assert loaded[key].tobytes() == array.tobytes() and loaded[key].flags.writeable, key
 
 
 def test_unreadable_files_give_clear_errors(tmp_path: Path) -> None:

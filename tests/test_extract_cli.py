@@ -163,7 +163,7 @@ def test_happy_path_store_metadata_and_summary(image_dir: Path, reference: tuple
         assert record.num_boxes == 36 and record.features.dtype == np.float32
         assert np.isfinite(record.features).all()
         assert (record.boxes[:, 2] <= record.image_w).all() and (record.boxes[:, 3] <= record.image_h).all()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert (summary["total"], summary["done"], summary["skipped"], summary["failed"]) == (
         NUM_IMAGES,
         NUM_IMAGES,
@@ -172,7 +172,7 @@ def test_happy_path_store_metadata_and_summary(image_dir: Path, reference: tuple
     )
     assert summary["images_per_s"] > 0 and summary["untrained"] is True
     assert summary["weights_sha256"] == meta["weights_sha256"]
-    assert (out / "errors.jsonl").read_text() == ""
+    assert (out / "_errors.jsonl").read_text() == ""
     assert "extract summary" in result.output and "untrained detector" in result.output
     assert "images/s" in result.output
     _no_leftovers(out)
@@ -193,7 +193,7 @@ def test_rerun_skips_everything(image_dir: Path, reference: tuple[Path, object],
         "float32",
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert (summary["done"], summary["skipped"], summary["failed"]) == (0, NUM_IMAGES, 0)
     assert list_parts(out) == parts_before
 
@@ -228,7 +228,7 @@ def test_list_file_input(image_dir: Path, reference: tuple[Path, object], tmp_pa
     )
     assert result.exit_code == EXIT_IMAGES_FAILED, result.output
     _assert_same_rows(out, reference[0], wanted)
-    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
     assert errors == [
         {
             "image_id": "missing/nope.jpg",
@@ -380,13 +380,13 @@ def test_bad_input_recorded_and_run_goes_on_then_retried(tmp_path: Path) -> None
     result = _run("--images", images, "--out", out, *TINY, "--num-workers", "2", "--batch-size", "2")
     assert result.exit_code == EXIT_IMAGES_FAILED, result.output
     assert sorted(FeatureStore(out).image_ids) == ["good_a.jpg", "good_b.png"]
-    errors = {e["image_id"]: e for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    errors = {e["image_id"]: e for e in map(json.loads, (out / "_errors.jsonl").read_text().splitlines())}
     assert {name: e["error_type"] for name, e in errors.items()} == {
         name: kind for name, (_, kind) in bad.items()
     }
     assert all(e["reason"] for e in errors.values())
     assert "30000x30000" in errors["bomb.png"]["reason"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert (summary["done"], summary["failed"]) == (2, len(bad))
     assert f"{len(bad)} image(s) failed" in result.output
 
@@ -394,10 +394,10 @@ def test_bad_input_recorded_and_run_goes_on_then_retried(tmp_path: Path) -> None
     _write(images / "truncated.jpg", good)  # repaired meanwhile
     result = _run("--images", images, "--out", out, *TINY, "--num-workers", "0", "--max-failures", len(bad))
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert (summary["done"], summary["skipped"], summary["failed"]) == (1, 2, len(bad) - 1)
     assert "truncated.jpg" in FeatureStore(out).image_ids
-    assert "truncated.jpg" not in (out / "errors.jsonl").read_text()
+    assert "truncated.jpg" not in (out / "_errors.jsonl").read_text()
 
     # The pixel limit is configurable.
     result = _run(
@@ -414,7 +414,7 @@ def test_bad_input_recorded_and_run_goes_on_then_retried(tmp_path: Path) -> None
         100,
     )
     assert result.exit_code == 0
-    assert "too_large" in (tmp_path / "limited" / "errors.jsonl").read_text()
+    assert "too_large" in (tmp_path / "limited" / "_errors.jsonl").read_text()
     assert not list_parts(tmp_path / "limited") or len(FeatureStore(tmp_path / "limited")) == 0
 
 
@@ -444,7 +444,7 @@ def test_unusual_valid_images_are_extracted_like_cv2_imread(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     records = _records(out)
     assert sorted(records) == sorted(files)
-    conversions = json.loads((out / "summary.json").read_text())["conversions"]
+    conversions = json.loads((out / "_summary.json").read_text())["conversions"]
     for words in ("grayscale replicated", "CMYK", "16-bit to 8-bit", "palette expanded", "alpha dropped"):
         assert any(words in key or words.replace("CMYK", "YCCK") in key for key in conversions), (
             words,
@@ -530,7 +530,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_rows(
         "0",
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["skipped"] == len(partial) and summary["done"] == NUM_IMAGES - len(partial)
     _assert_same_rows(out, reference[0])
     _no_leftovers(out)
@@ -581,7 +581,7 @@ def test_two_ranks_equal_a_single_process_run(
     shards = {path.name.split("-")[1] for path in list_parts(out)}
     assert shards == {"0", "1"}
     _assert_same_rows(out, reference[0])
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["done"] == NUM_IMAGES and summary["failed"] == 0
     assert sorted(rank["rank"] for rank in summary["ranks"]) == [0, 1]
     assert all(rank["done"] == NUM_IMAGES // 2 for rank in summary["ranks"])
@@ -632,7 +632,7 @@ def test_fast_precision_mode_recorded(image_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     store = FeatureStore(out)
     assert store.metadata["precision"] == "bf16" and len(store) == 2
-    assert json.loads((out / "summary.json").read_text())["precision"] == "bf16"
+    assert json.loads((out / "_summary.json").read_text())["precision"] == "bf16"
 
 
 def test_set_assignments_and_device_auto(image_dir: Path, tmp_path: Path) -> None:
@@ -642,6 +642,76 @@ def test_set_assignments_and_device_auto(image_dir: Path, tmp_path: Path) -> Non
     result = _run(*common, "--out", out, "--set", "rows_per_part=1", "--set", "extract.device=auto")
     assert result.exit_code == 0, result.output
     assert len(list_parts(out)) == 2
-    assert json.loads((out / "summary.json").read_text())["device"] in ("cpu", "cuda:0")
+    assert json.loads((out / "_summary.json").read_text())["device"] in ("cpu", "cuda:0")
     result = _run(*common, "--out", tmp_path / "bad", "--set", "rows_per_prt=1")
     assert result.exit_code == 2 and "rows_per_prt" in result.output
+
+
+# ----------------------------------------------------------------------------- EXIF, missing end marker
+
+
+def _oriented_jpeg(array: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _jpeg(array, exif=exif.tobytes())
+
+
+def test_exif_orientation_ignored_by_default_applied_on_request(tmp_path: Path) -> None:
+    from pipeline.extraction import ERRORS_FILE, SUMMARY_FILE
+
+    images = tmp_path / "images"
+    scene = _scene(11, 64, 96)
+    _write(images / "rotated.jpg", _oriented_jpeg(scene, 6))  # displayed rotated 90 degrees clockwise
+    _write(images / "flipped.jpg", _oriented_jpeg(scene, 3))  # displayed upside down: same size
+    _write(images / "plain.jpg", _jpeg(scene))
+    common = [*TINY, "--feature-dtype", "float32", "--num-workers", "0"]
+    ignored, applied = tmp_path / "ignore", tmp_path / "apply"
+    assert _run("--images", images, "--out", ignored, *common).exit_code == 0
+    result = _run("--images", images, "--out", applied, *common, "--exif", "apply")
+    assert result.exit_code == 0, result.output
+    kept, turned = _records(ignored), _records(applied)
+
+    # ignore: the stored pixels, as OpenCV 2.4 (the Caffe reference) read them.
+    for name in ("rotated.jpg", "flipped.jpg", "plain.jpg"):
+        assert (kept[name].image_w, kept[name].image_h) == (96, 64)
+    np.testing.assert_allclose(kept["rotated.jpg"].features, kept["plain.jpg"].features, atol=1e-4)
+    # apply: rotated as today's cv2.imread; sizes and boxes follow.
+    assert (turned["rotated.jpg"].image_w, turned["rotated.jpg"].image_h) == (64, 96)
+    assert (turned["flipped.jpg"].image_w, turned["flipped.jpg"].image_h) == (96, 64)
+    assert (turned["rotated.jpg"].boxes[:, 2] <= 64).all() and (turned["rotated.jpg"].boxes[:, 3] <= 96).all()
+    assert not np.allclose(turned["rotated.jpg"].boxes, kept["rotated.jpg"].boxes, atol=1e-2)
+    assert not np.allclose(turned["flipped.jpg"].boxes, kept["flipped.jpg"].boxes, atol=1e-2)
+    np.testing.assert_allclose(turned["plain.jpg"].features, kept["plain.jpg"].features, atol=1e-5)
+    detector = load_detector(ExtractParams(arch="tiny", weights="random", seed=7)).detector
+    expected = detector.detect([cv2.imread(str(images / "rotated.jpg"), cv2.IMREAD_COLOR)])[0]
+    np.testing.assert_allclose(turned["rotated.jpg"].features, expected.features, atol=1e-5, rtol=1e-4)
+
+    # Recorded in the store and the summary; the tag is counted whatever the policy.
+    for out, policy in ((ignored, "ignore"), (applied, "apply")):
+        assert FeatureStore(out).metadata["exif"] == policy
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        assert summary["exif"] == policy and summary["orientation_tagged"] == 2
+        assert (out / ERRORS_FILE).read_text() == ""
+    # A store made with one policy is not extended with the other.
+    result = _run("--images", images, "--out", ignored, *common, "--set", "exif=apply")
+    assert result.exit_code == 2 and "exif" in result.output and "already holds features" in result.output
+
+
+def test_jpeg_without_end_marker_extracted_with_a_warning(tmp_path: Path) -> None:
+    from pipeline.extraction import ERRORS_FILE, SUMMARY_FILE
+
+    images = tmp_path / "images"
+    whole = _jpeg(_scene(12, 60, 80))
+    _write(images / "whole.jpg", whole)
+    _write(images / "no_end_marker.jpg", whole[:-2])  # accepted by libjpeg with a warning
+    _write(images / "cut.jpg", whole[:-40])  # scan data missing too: truncated
+    out = tmp_path / "out"
+    result = _run("--images", images, "--out", out, *TINY, "--feature-dtype", "float32", "--num-workers", "0")
+    assert result.exit_code == EXIT_IMAGES_FAILED, result.output
+    records = _records(out)
+    assert sorted(records) == ["no_end_marker.jpg", "whole.jpg"]
+    np.testing.assert_array_equal(records["no_end_marker.jpg"].features, records["whole.jpg"].features)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["warnings"] == {"JPEG without end-of-image marker (decoded as libjpeg does)": 1}
+    errors = [json.loads(line) for line in (out / ERRORS_FILE).read_text().splitlines()]
+    assert [(e["image_id"], e["error_type"]) for e in errors] == [("cut.jpg", "truncated")]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -14,14 +16,18 @@ from PIL import Image
 
 from pipeline.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    JPEG_WITHOUT_END_MARKER,
+    PREPROCESS_BYTES_PER_PIXEL,
     ImageDecodeError,
     ImageListError,
     decode_image,
     list_images,
     load_image,
+    max_file_bytes,
     read_image_header,
     read_image_list,
 )
+from pipeline.params import ExtractParams
 
 
 def _rgb(height: int = 30, width: int = 40, seed: int = 0) -> np.ndarray:
@@ -63,8 +69,9 @@ def test_list_images_missing_folder_names_it(tmp_path: Path) -> None:
 
 
 def test_read_image_list_keeps_order_and_skips_comments(tmp_path: Path) -> None:
-    list_file = _write(tmp_path / "list.txt", b"# header\nb/2.jpg\n\n  a/1.png  \nsub\\c.jpg\n")
-    assert read_image_list(list_file) == ["b/2.jpg", "a/1.png", "sub/c.jpg"]
+    list_file = _write(tmp_path / "list.txt", b"# header\nb/2.jpg\n\n  a/1.png  \nsub\\c.jpg\n./d//e.jpg\n")
+    # On POSIX a backslash is part of a file name: kept as written, not turned into a separator.
+    assert read_image_list(list_file) == ["b/2.jpg", "a/1.png", "sub\\c.jpg", "d/e.jpg"]
 
 
 @pytest.mark.parametrize(
@@ -174,15 +181,41 @@ def test_alpha_is_dropped_not_composited(tmp_path: Path, mode: str) -> None:
     assert "alpha dropped" in decoded.conversion
 
 
-def test_exif_orientation_applied_like_imread(tmp_path: Path) -> None:
+def _with_orientation(orientation: int, fmt: str = "JPEG") -> bytes:
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    path = _write(
-        tmp_path / "rot.jpg", _pil_bytes(Image.fromarray(_rgb(30, 40)), "JPEG", exif=exif.tobytes())
-    )
+    exif[0x0112] = orientation  # 6: rotate 90 degrees clockwise on display
+    return _pil_bytes(Image.fromarray(_rgb(30, 40)), fmt, exif=exif.tobytes())
+
+
+def test_exif_orientation_ignored_by_default_as_opencv_2_4(tmp_path: Path) -> None:
+    path = _write(tmp_path / "rot.jpg", _with_orientation(6))
     decoded = load_image(path)
+    assert decoded.header.orientation == 6 and decoded.image.shape[:2] == (30, 40)
+    stored = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    np.testing.assert_array_equal(decoded.image, stored)
+
+
+def test_exif_orientation_applied_like_imread(tmp_path: Path) -> None:
+    path = _write(tmp_path / "rot.jpg", _with_orientation(6))
+    decoded = load_image(path, exif="apply")
     np.testing.assert_array_equal(decoded.image, cv2.imread(str(path), cv2.IMREAD_COLOR))
     assert decoded.image.shape[:2] == (40, 30)
+    np.testing.assert_array_equal(decoded.image, np.rot90(load_image(path).image, k=-1))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_orientation_tag_read_like_pil_and_sizes_checked(fmt: str, orientation: int) -> None:
+    data = _with_orientation(orientation, fmt)
+    assert read_image_header(data).orientation == Image.open(io.BytesIO(data)).getexif()[0x0112]
+    swapped = orientation in (5, 6, 7, 8)
+    assert decode_image(data).image.shape[:2] == (30, 40)
+    assert decode_image(data, exif="apply").image.shape[:2] == ((40, 30) if swapped else (30, 40))
+
+
+def test_no_orientation_tag_reads_as_1() -> None:
+    assert read_image_header(_pil_bytes(Image.fromarray(_rgb()), "JPEG")).orientation == 1
+    assert read_image_header(_pil_bytes(Image.fromarray(_rgb()), "PNG")).orientation == 1
 
 
 def test_non_ascii_path(tmp_path: Path) -> None:
@@ -217,10 +250,34 @@ def test_truncated_jpeg(fraction: float) -> None:
     assert error.kind == "truncated" and "truncated JPEG" in error.reason
 
 
-def test_jpeg_missing_only_its_end_marker_is_truncated() -> None:
-    data = _pil_bytes(Image.fromarray(_rgb()), "JPEG")
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_missing_only_its_end_marker_is_decoded_with_a_warning(progressive: bool) -> None:
+    # libjpeg (so the Caffe-era cv2.imread) decodes it and warns "Premature end of JPEG file".
+    data = _pil_bytes(Image.fromarray(_rgb(120, 160)), "JPEG", progressive=progressive)
     assert data.endswith(b"\xff\xd9")
-    assert _kind(data[:-2]).kind == "truncated"
+    whole = decode_image(data)
+    decoded = decode_image(data[:-2])
+    np.testing.assert_array_equal(decoded.image, whole.image)
+    assert decoded.warnings == (JPEG_WITHOUT_END_MARKER,) and whole.warnings == ()
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("missing", [1, 2, 40])
+def test_jpeg_missing_scan_data_is_truncated(progressive: bool, missing: int) -> None:
+    # Without its end marker and `missing` bytes of the last scan's data: still truncated.
+    data = _pil_bytes(Image.fromarray(_rgb(120, 160)), "JPEG", progressive=progressive)
+    error = _kind(data[: -2 - missing])
+    assert error.kind == "truncated" and "truncated JPEG" in error.reason
+
+
+def test_progressive_jpeg_cut_between_scans_is_truncated() -> None:
+    # Cut cleanly before a later scan: every byte present decodes, but scans are missing.
+    data = _pil_bytes(Image.fromarray(_rgb(120, 160)), "JPEG", progressive=True)
+    scan_starts = [match.start() for match in re.finditer(rb"\xff\xda", data)]
+    assert len(scan_starts) > 3
+    for cut in scan_starts[1:]:
+        error = _kind(data[:cut])
+        assert error.kind == "truncated" and "scans are missing" in error.reason, cut
 
 
 @pytest.mark.parametrize("cut", [12, 30, -20, -4])
@@ -241,7 +298,9 @@ def test_corrupt_png_data_is_refused() -> None:
 @pytest.mark.parametrize(
     ("data", "kind", "words"),
     [
-        (b"this is a text file, not an image\n", "not_image", "no JPEG or PNG signature"),
+        (b"this is a text file, not an image\n", "not_image", "no JPEG or PNG signature (looks like text)"),
+        (b"<!DOCTYPE html><html><body>404</body></html>", "not_image", "HTML page"),
+        (b"\x00\x00\x00\x18ftypheic" + bytes(16), "unsupported", "HEIF/HEIC"),
         (b"GIF89a" + bytes(40), "unsupported", "GIF"),
         (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "unsupported", "WebP"),
         (b"\xff\xd8\xff\xd9", "corrupt", "end-of-image marker before any image data"),
@@ -292,3 +351,48 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError) as info:
         load_image(tmp_path / "folder.jpg")
     assert info.value.kind == "not_found"
+
+
+def test_errors_never_echo_file_bytes() -> None:
+    secret = b"password=hunter2 \x13\x37\xde\xad\xbe\xef" * 4
+    for data in (secret, b"\x89\x50" + secret, bytes(range(256))):
+        reason = _kind(data).reason
+        assert "hunter2" not in reason and "13 37" not in reason and "de ad" not in reason, reason
+        assert data[:8].hex(" ") not in reason and data[:8].hex() not in reason, reason
+
+
+def test_special_and_oversized_files_are_refused_before_reading(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # reading it would block for ever
+    with pytest.raises(ImageDecodeError, match="not a regular file") as info:
+        load_image(fifo)
+    assert info.value.kind == "not_image"
+    big = _write(tmp_path / "big.png", _pil_bytes(Image.fromarray(_rgb()), "PNG"))
+    with open(big, "ab") as file:
+        file.truncate(max_file_bytes(100) + 1)  # sparse: no disk used
+    with pytest.raises(ImageDecodeError, match="file too large") as info:
+        load_image(big, max_pixels=100)
+    assert info.value.kind == "too_large"
+
+
+def test_memory_bound_of_the_default_pixel_limit() -> None:
+    # The stated bound: the largest accepted image peaks under 2 GiB in decode + preprocessing.
+    assert ExtractParams().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+    assert DEFAULT_MAX_IMAGE_PIXELS * PREPROCESS_BYTES_PER_PIXEL < 2 * 1024**3
+
+
+def test_preprocessing_memory_factor_is_what_the_limit_assumes() -> None:
+    tracemalloc = pytest.importorskip("tracemalloc")
+    from extractors.bua.preprocess import image_blob
+
+    image = _rgb(1500, 2000)  # large against the detector's 600 x 1000 input, as the images the limit is for
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        image_blob(image)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    per_pixel = 3 + peak / image[..., 0].size  # the decoded image plus what preprocessing adds at its peak
+    assert per_pixel <= PREPROCESS_BYTES_PER_PIXEL + 0.5, per_pixel

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
+import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,13 +18,17 @@ import pytest
 
 from pipeline import store as store_module
 from pipeline.captions import CaptionsError, read_captions, write_captions
+from pipeline.feature_table import cached_feature_table, index_path
 from pipeline.store import (
     PART_PATTERN,
+    STORE_FORMAT,
     FeatureStore,
     FeatureStoreError,
     FeatureStoreWriter,
     RegionRecord,
+    StoreFormatError,
     existing_ids,
+    migrate_store,
 )
 from pipeline.tsv import TsvError, export_tsv, import_tsv, read_tsv
 
@@ -271,7 +278,7 @@ def test_mmap_table_is_zero_copy_and_cached(tmp_path: Path) -> None:
     write_store(root, make_records(12, seed=5)[9:], rows_per_part=4, feature_dtype="float32", shard="1")
     rebuilt = FeatureStore(root).to_mmap(cache)
     assert rebuilt.path != first_file and not first_file.exists() and len(rebuilt) == 12
-    assert [p.name for p in cache.iterdir()] == [rebuilt.path.name]
+    assert sorted(p.name for p in cache.iterdir()) == [rebuilt.path.name, index_path(rebuilt.path).name]
 
     clone = pickle.loads(pickle.dumps(rebuilt))
     np.testing.assert_array_equal(clone.features(10), rebuilt.features(10))
@@ -315,6 +322,204 @@ def test_mmap_access_stays_out_of_anonymous_memory(tmp_path: Path) -> None:
     assert total > 0
     # touching every feature page costs page cache, not anonymous memory
     assert (after - before) * 1024 < feature_bytes / 4, (before, after, feature_bytes)
+
+
+# ------------------------------------------------------------------------------- layout, migration, scale
+
+
+def test_columns_describe_themselves(tmp_path: Path) -> None:
+    """Plain Parquet readers get (n, D) arrays from the types alone, with no scan-pipe metadata."""
+    records = make_records(5, dim=12)
+    write_store(tmp_path / "store", records, feature_dtype="float32", rows_per_part=2)
+    table = pq.read_table(tmp_path / "store")
+    assert table.schema.field("features").type == pa.list_(pa.list_(pa.float32(), 12))
+    assert table.schema.field("boxes").type == pa.list_(pa.list_(pa.float32(), 4))
+    for row, record in enumerate(records):
+        np.testing.assert_array_equal(np.stack(table["features"][row].as_py()), record.features)
+        np.testing.assert_array_equal(np.stack(table["boxes"][row].as_py()), record.boxes)
+    assert json.loads(table.schema.metadata[b"scan_pipe"])["store_format"] == STORE_FORMAT
+
+
+def write_first_format_store(root: Path, records: list[RegionRecord], dim: int, rows_per_part: int) -> None:
+    """Parts as the first layout wrote them: features and boxes as flat lists, store_format 1."""
+    root.mkdir(parents=True)
+    metadata = {"feature_dim": dim, "feature_dtype": "float16", "store_format": 1, "untrained": True}
+    for index, start in enumerate(range(0, len(records), rows_per_part)):
+        chunk = records[start : start + rows_per_part]
+        columns = {
+            "image_id": pa.array([r.image_id for r in chunk], pa.string()),
+            "image_w": pa.array([r.image_w for r in chunk], pa.int32()),
+            "image_h": pa.array([r.image_h for r in chunk], pa.int32()),
+            "num_boxes": pa.array([r.num_boxes for r in chunk], pa.int32()),
+            "boxes": pa.array([r.boxes.reshape(-1) for r in chunk], pa.list_(pa.float32())),
+            "features": pa.array(
+                [r.features.astype(np.float16).reshape(-1) for r in chunk], pa.list_(pa.float16())
+            ),
+        }
+        for name, arrow_type in (
+            ("object_ids", pa.int32()),
+            ("object_conf", pa.float32()),
+            ("attribute_ids", pa.int32()),
+            ("attribute_conf", pa.float32()),
+        ):
+            columns[name] = pa.array([getattr(r, name) for r in chunk], pa.list_(arrow_type))
+        table = pa.table(columns).replace_schema_metadata({b"scan_pipe": json.dumps(metadata)})
+        pq.write_table(table, root / f"part-0-{index:05d}.parquet", row_group_size=2)
+
+
+def test_first_format_store_is_refused_and_migrates(tmp_path: Path) -> None:
+    records = make_records(7, dim=8)
+    old = tmp_path / "old"
+    write_first_format_store(old, records, dim=8, rows_per_part=3)
+    (old / "errors.jsonl").write_text('{"image_id": "x.jpg"}\n')
+    (old / "summary.json").write_text("{}\n")
+    (old / "captions.parquet").write_bytes(b"")
+    with pytest.raises(StoreFormatError, match=r"scan-pipe features migrate .*old NEW_DIR"):
+        FeatureStore(old)
+    # not "damaged": a resuming writer must stop here, not move every part of an old store to quarantine
+    with pytest.raises(StoreFormatError):
+        store_module.part_problem(old / "part-0-00000.parquet")
+
+    result = migrate_store(old, tmp_path / "new")
+    assert (result.images, result.parts, result.left_behind) == (7, 3, ["captions.parquet"])
+    new = tmp_path / "new"
+    assert sorted(p.name for p in new.iterdir()) == [
+        "_errors.jsonl",
+        "_summary.json",
+        "part-0-00000.parquet",
+        "part-0-00001.parquet",
+        "part-0-00002.parquet",
+    ]
+    store = FeatureStore(new)
+    assert store.metadata["store_format"] == STORE_FORMAT and store.metadata["untrained"] is True
+    assert pq.ParquetFile(new / "part-0-00000.parquet").metadata.num_row_groups == 2
+    for expected, actual in zip(records, store.iter_records(), strict=True):
+        assert actual.image_id == expected.image_id
+        np.testing.assert_array_equal(actual.features, expected.features.astype(np.float16))
+        np.testing.assert_array_equal(actual.boxes, expected.boxes)
+        for name in ("object_ids", "object_conf", "attribute_ids", "attribute_conf"):
+            if getattr(expected, name) is None:
+                assert getattr(actual, name) is None
+            else:
+                np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name))
+
+    with pytest.raises(FeatureStoreError, match="not empty"):
+        migrate_store(old, new)
+    with pytest.raises(FeatureStoreError, match="already in the current layout"):
+        migrate_store(new, tmp_path / "again")
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    refused = CliRunner().invoke(app, ["features", "info", str(old)])
+    assert refused.exit_code != 0 and "features migrate" in refused.output
+    migrated = CliRunner().invoke(app, ["features", "migrate", str(old), str(tmp_path / "cli")])
+    assert migrated.exit_code == 0, migrated.output
+    assert "7 images" in migrated.output and "captions.parquet" in migrated.output
+    assert len(FeatureStore(tmp_path / "cli")) == 7
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="descriptors are counted in /proc (Linux)")
+def test_reading_keeps_no_part_open(tmp_path: Path) -> None:
+    records = make_records(60, dim=4)
+    write_store(tmp_path / "store", records, rows_per_part=1)
+    before = _open_descriptors()
+    store = FeatureStore(tmp_path / "store")
+    assert len(store.parts) == 60 and _open_descriptors() == before
+    streamed = store.iter_records()
+    next(streamed)
+    assert _open_descriptors() <= before + 1  # the part being streamed, and only that one
+    assert len(list(streamed)) == 59 and _open_descriptors() == before
+    assert [r.image_id for r in store.read([records[42].image_id, records[3].image_id])] == [
+        records[42].image_id,
+        records[3].image_id,
+    ]
+    assert _open_descriptors() == before
+
+
+def write_many_parts(root: Path, count: int) -> None:
+    """`count` one-row parts, copies of one written part with their own ids (fast enough for a test)."""
+    write_store(root, make_records(1, dim=4), rows_per_part=1)
+    template = pq.read_table(root / "part-0-00000.parquet")
+    for index in range(count):
+        part = template.set_column(0, template.schema.field(0), pa.array([f"img_{index:05d}"]))
+        pq.write_table(part, root / store_module.part_name("0", index))
+
+
+@pytest.mark.slow
+def test_thousands_of_parts_under_a_low_descriptor_limit(tmp_path: Path) -> None:
+    """2,000 parts open, stream, read by id and convert under `ulimit -n 256` (a subprocess sets it)."""
+    write_many_parts(tmp_path / "store", 2000)
+    script = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from pipeline.store import FeatureStore
+store = FeatureStore({str(tmp_path / "store")!r})
+assert len(store) == 2000, len(store)
+assert sum(1 for _ in store.iter_records(batch_rows=64)) == 2000
+assert [r.image_id for r in store.read(["img_01999", "img_00000"])] == ["img_01999", "img_00000"]
+table = store.to_mmap({str(tmp_path / "cache")!r})
+assert table.index_of("img_01234") == 1234 and table.features(1234).shape == (table.num_boxes(1234), 4)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_table_index_finds_every_id(tmp_path: Path) -> None:
+    """Binary search and hash lookups over the mapped ids agree, non-ASCII ids included."""
+    records = make_records(150, dim=4)
+    for i, record in enumerate(records):
+        record.image_id = ["déjà/", "Z/", "a/", "ß/", "日本/"][i % 5] + f"{(i * 37) % 150:03d}.jpg"
+    write_store(tmp_path / "store", records, rows_per_part=16)
+    table = FeatureStore(tmp_path / "store").to_mmap(tmp_path / "cache")
+    ids = [r.image_id for r in records]
+    assert [table.index_of(image_id) for image_id in ids] == list(range(150))
+    assert [table.image_id(row) for row in range(150)] == ids
+    asked = [*ids[::-1], "missing.jpg", ids[7]]
+    expected = [*range(149, -1, -1), -1, 7]
+    assert table.indices_of(asked).tolist() == expected  # many ids: one hash pass
+    assert table.indices_of(asked[-3:]).tolist() == expected[-3:]  # few ids: binary searches
+    store = FeatureStore(tmp_path / "store")
+    assert store.indices_of(asked).tolist() == expected
+    assert ids[9] in store and "missing.jpg" not in store
+    clone = pickle.loads(pickle.dumps(table))  # a DataLoader worker: reopens the map, builds nothing
+    assert clone.index_of(ids[99]) == 99 and not clone._batches
+
+
+def test_cached_table_opens_no_part_and_keeps_the_duplicate_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "store"
+    write_store(root, make_records(3, seed=1), shard="a")
+    write_store(root, make_records(2, seed=2), shard="b")  # repeats the first two ids
+    cache = tmp_path / "cache"
+    with pytest.raises(FeatureStoreError, match="img_000"):
+        cached_feature_table(root, cache)
+    built = cached_feature_table(root, cache, duplicates="keep_first")
+    assert len(built) == 3 and built.duplicates_dropped == 2
+
+    def no_part(path: Path) -> None:
+        raise AssertionError(f"{path} opened although the cache is current")
+
+    monkeypatch.setattr(store_module, "_open_part", no_part)
+    again = cached_feature_table(root, cache, duplicates="keep_first")
+    assert again.path == built.path and len(again) == 3
+    monkeypatch.undo()
+    with pytest.raises(FeatureStoreError, match="img_000"):  # the cache does not hide duplicates
+        cached_feature_table(root, cache)
 
 
 def test_tsv_round_trip(tmp_path: Path) -> None:

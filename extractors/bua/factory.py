@@ -16,7 +16,7 @@ import torch
 
 from extractors.bua.config import DetectorConfig
 from extractors.bua.detector import BottomUpAttentionDetector
-from extractors.bua.weights import WEIGHTS_NOT_GIVEN_MESSAGE, load_weights
+from extractors.bua.weights import WEIGHTS_NOT_GIVEN_MESSAGE, WeightsError, load_weights
 
 RANDOM_WEIGHTS = "random"
 
@@ -101,8 +101,13 @@ def build_detector(
             with warnings.catch_warnings():  # an anchor mismatch is in the report's notes
                 warnings.simplefilter("ignore")
                 report = load_weights(detector, path)
+        except WeightsError as exc:  # one line that already names the file and the reason
+            raise DetectorSetupError(str(exc)) from None
+        except MemoryError:
+            raise DetectorSetupError(f"{path}: not enough memory to load the detector weights") from None
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
-            raise DetectorSetupError(f"{path}: cannot load detector weights: {exc}") from None
+            message = " ".join(str(exc).split())  # torch's messages span lines; the user gets one
+            raise DetectorSetupError(f"{path}: cannot load detector weights: {message}") from None
         notes.append(report.summary())
         metadata["weights_sha256"] = str(report.sha256)
     return BuiltDetector(detector.eval(), metadata, notes)

@@ -3,16 +3,16 @@
 Canonical layout = the HF `unc-nlp/frcnn-vg-finetuned` state dict (detectron2-style names, background in the
 LAST class row, 12 sigmoid objectness logits, `proposal_generator.anchor_generator.cell_anchors.0` stored).
 Accepted inputs: the HF `pytorch_model.bin` (torch.load with weights_only=True), the converted
-`faster_rcnn_from_caffe_attr.pkl` (pickle of {"model": {name: ndarray}}, read with an unpickler that admits
-only containers and numpy arrays) and `.safetensors`.
+`faster_rcnn_from_caffe_attr.pkl` (pickle of {"model": {name: ndarray}}, interpreted as data by
+`pickle_data`, never unpickled) and `.safetensors` (header and extents validated before any allocation).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
+import math
 import os
-import pickle
 import tempfile
 import warnings
 import zipfile
@@ -26,6 +26,7 @@ import torch
 
 from extractors.bua.anchors import anchors_match, generate_cell_anchors
 from extractors.bua.config import DetectorConfig
+from extractors.bua.pickle_data import MAX_NDIM, PickleDataError, load_pickle_data
 
 WEIGHTS_NOT_GIVEN_MESSAGE = (
     "No detector weights given. The published bottom-up-attention weights (Visual Genome, 1600 objects / "
@@ -71,40 +72,56 @@ def tensors_sha256(state: Mapping[str, np.ndarray | torch.Tensor]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- reading
-_PICKLE_ALLOWED: frozenset[tuple[str, str]] = frozenset(
+MAX_SAFETENSORS_HEADER = 100 << 20
+TENSOR_BYTES_SLACK = 1 << 20
+# safetensors dtype -> (numpy dtype of the stored bytes, widening after the read). Bool bytes are normalised
+# (any non-zero byte is True) and BF16 is widened exactly to float32, numpy having no bfloat16.
+_SAFETENSORS_DTYPES: dict[str, tuple[str, str | None]] = {
+    "BOOL": ("|u1", "bool"),
+    "U8": ("|u1", None),
+    "I8": ("|i1", None),
+    "U16": ("<u2", None),
+    "I16": ("<i2", None),
+    "U32": ("<u4", None),
+    "I32": ("<i4", None),
+    "U64": ("<u8", None),
+    "I64": ("<i8", None),
+    "F16": ("<f2", None),
+    "F32": ("<f4", None),
+    "F64": ("<f8", None),
+    "BF16": ("<u2", "bf16"),
+}
+_TORCH_DTYPES = frozenset(
     {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-        ("codecs", "encode"),
-        ("collections", "OrderedDict"),
+        torch.bool,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
     }
 )
+_TORCH_ADVICE_PREFIXES = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Admits plain containers and numpy arrays; any other global is refused before it can be called."""
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line (torch's weights_only errors are paragraphs of advice)."""
+    lines = (line.strip() for line in str(exc).splitlines())
+    text = " ".join(line for line in lines if line and not line.startswith(_TORCH_ADVICE_PREFIXES))
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
-        super().__init__(file, encoding="latin1")
-        self.source = source
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _PICKLE_ALLOWED:
-            raise WeightsError(
-                f"{self.source}: refusing to unpickle global '{module}.{name}': a weights pickle may contain "
-                "only dicts, lists and numpy arrays (this file could run code when loaded)"
-            )
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise WeightsError(f"{self.source}: refusing a pickle with persistent ids (not a plain numpy pickle)")
+def _quote(name: str) -> str:
+    """A tensor name for an error message, shortened: a hostile header may hold megabyte-long names."""
+    return repr(name if len(name) <= 80 else name[:77] + "...")
 
 
 def detect_format(path: str | Path) -> CheckpointFormat:
@@ -139,8 +156,168 @@ def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
     return obj
 
 
+def _read_pickle(path: Path) -> Mapping[str, Any]:
+    """A numpy pickle read as data by `pickle_data` (never unpickled: no global is ever called)."""
+    try:
+        with open(path, "rb") as handle:
+            data = load_pickle_data(handle, os.fstat(handle.fileno()).st_size)
+    except PickleDataError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    return _unwrap(data, str(path))
+
+
+def _safetensors_entries(
+    header_bytes: bytes, data_size: int, file_size: int, source: str
+) -> dict[str, tuple[str, str | None, tuple[int, ...], int]]:
+    """name -> (stored numpy dtype, widening, shape, offset) of a header whose extents exactly tile the data
+    section: known dtype, sane shape, `prod(shape) * itemsize` bytes each, in bounds, no overlap, no gap."""
+
+    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate key in the header")
+        return dict(pairs)
+
+    try:
+        header = json.loads(header_bytes, object_pairs_hook=refuse_duplicates)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise WeightsError(f"{source}: safetensors header is not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{source}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise WeightsError(f"{source}: safetensors __metadata__ is not a map of strings")
+    entries: dict[str, tuple[str, str | None, tuple[int, ...], int]] = {}
+    extents: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise WeightsError(f"{source}: safetensors entry {_quote(name)} is not a JSON object")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
+            shown = repr(dtype_name)[:40]
+            raise WeightsError(
+                f"{source}: tensor {_quote(name)} has dtype {shown}; weights are BOOL, U8-U64, I8-I64, "
+                "F16, BF16, F32 or F64"
+            )
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(type(dim) is int and 0 <= dim <= file_size for dim in shape)
+        ):
+            raise WeightsError(
+                f"{source}: tensor {_quote(name)} has an invalid shape (at most {MAX_NDIM} integers in "
+                f"0..{file_size}, the file size)"
+            )
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise WeightsError(f"{source}: tensor {_quote(name)} has invalid data_offsets (two integers)")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise WeightsError(
+                f"{source}: tensor {_quote(name)} data_offsets [{begin}, {end}] lie outside the "
+                f"{data_size}-byte data section"
+            )
+        stored, widen = _SAFETENSORS_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * np.dtype(stored).itemsize
+        if end - begin != nbytes:
+            raise WeightsError(
+                f"{source}: tensor {_quote(name)} of shape {shape} ({dtype_name}) needs {nbytes} bytes, its "
+                f"data_offsets span {end - begin}"
+            )
+        entries[name] = (stored, widen, tuple(shape), begin)
+        extents.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(extents):
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise WeightsError(f"{source}: tensor {_quote(name)} {problem} in the data section")
+        position = end
+    if position != data_size:
+        raise WeightsError(f"{source}: {data_size - position} bytes after the last tensor are not indexed")
+    return entries
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Header length, JSON header and every tensor extent are checked against the file before anything is
+    allocated; each tensor is then read straight into its own array."""
+    with open(path, "rb") as handle:
+        file_size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise WeightsError(f"{path}: truncated safetensors file ({file_size} bytes, no header length)")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > file_size - 8:
+            raise WeightsError(
+                f"{path}: safetensors header length {header_size} exceeds the file ({file_size} bytes)"
+            )
+        if header_size > MAX_SAFETENSORS_HEADER:
+            raise WeightsError(
+                f"{path}: safetensors header of {header_size} bytes (over {MAX_SAFETENSORS_HEADER >> 20} MB)"
+            )
+        header_bytes = handle.read(header_size)
+        if len(header_bytes) != header_size:
+            raise WeightsError(f"{path}: truncated safetensors header")
+        data_start = 8 + header_size
+        entries = _safetensors_entries(header_bytes, file_size - data_start, file_size, str(path))
+        arrays: dict[str, np.ndarray] = {}
+        for name, (stored, widen, shape, offset) in entries.items():
+            array = np.empty(shape, dtype=stored)
+            if array.nbytes:
+                handle.seek(data_start + offset)
+                if handle.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+                    raise WeightsError(
+                        f"{path}: tensor {_quote(name)} is truncated (file changed while read?)"
+                    )
+            if widen == "bool":
+                array = array != 0
+            elif widen == "bf16":
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            arrays[name] = array
+    return arrays
+
+
+def _check_zip_sizes(path: Path) -> None:
+    """torch's zip reader allocates each record's declared size: sizes the file cannot hold are refused."""
+    file_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except Exception as exc:  # zipfile's failures on a broken archive are not a closed set
+        raise WeightsError(
+            f"{path}: cannot read torch checkpoint: broken zip archive: {_one_line(exc)}"
+        ) from None
+    if declared > file_size:
+        raise WeightsError(
+            f"{path}: zip records declare {declared} bytes in a {file_size}-byte file (compressed or forged "
+            "records; torch.save stores them uncompressed)"
+        )
+
+
+def _read_torch(path: Path) -> Mapping[str, Any]:
+    """torch.load with weights_only (no global outside torch's allowlist) and no mmap."""
+    if zipfile.is_zipfile(path):
+        _check_zip_sizes(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as exc:  # torch.load's failures on malformed files are not a closed set
+        raise WeightsError(f"{path}: cannot read torch checkpoint: {_one_line(exc)}") from None
+    return _unwrap(loaded, str(path))
+
+
+def _check_tensor(key: str, value: torch.Tensor, source: str) -> None:
+    if value.dtype not in _TORCH_DTYPES or value.layout != torch.strided or value.device.type != "cpu":
+        raise WeightsError(
+            f"{source}: key {_quote(key)} holds a {value.dtype} {value.layout} tensor on {value.device}, "
+            "expected dense numbers on the CPU"
+        )
+
+
 def read_checkpoint(path: str | Path) -> dict[str, np.ndarray | torch.Tensor]:
-    """All array entries of a checkpoint file, names as stored; non-array entries (metadata) are dropped."""
+    """All array entries of a checkpoint file, names as stored; non-array entries (metadata) are dropped.
+
+    Every malformed or hostile file raises `WeightsError` naming the file and the reason.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
@@ -148,26 +325,37 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray | torch.Tensor]:
     source = str(path)
     try:
         if fmt == "safetensors":
-            from safetensors.torch import load_file
-
-            raw: Mapping[str, Any] = load_file(str(path))
+            raw: Mapping[str, Any] = _read_safetensors(path)
         elif fmt == "pickle":
-            with open(path, "rb") as handle:
-                raw = _unwrap(_ArrayOnlyUnpickler(handle, source).load(), source)
+            raw = _read_pickle(path)
         else:
-            raw = _unwrap(torch.load(path, map_location="cpu", weights_only=True), source)
-    except WeightsError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise WeightsError(f"{path}: cannot read {fmt} checkpoint: {exc}") from exc
+            raw = _read_torch(path)
+    except MemoryError:
+        raise WeightsError(f"{path}: not enough memory to read this {fmt} checkpoint") from None
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read: {exc.strerror or exc}") from None
     state: dict[str, np.ndarray | torch.Tensor] = {}
+    tensor_bytes = 0
     for key, value in raw.items():
-        if isinstance(value, torch.Tensor | np.ndarray):
-            if isinstance(value, np.ndarray) and value.dtype.kind not in "fiub":
-                raise WeightsError(f"{path}: key {key!r} holds a {value.dtype} array, expected numbers")
+        if isinstance(value, torch.Tensor):
+            _check_tensor(str(key), value, source)
+            tensor_bytes += value.numel() * value.element_size()
+            state[str(key)] = value
+        elif isinstance(value, np.ndarray):
+            if value.dtype.kind not in "fiub":
+                raise WeightsError(
+                    f"{path}: key {_quote(str(key))} holds a {value.dtype} array, expected numbers"
+                )
             state[str(key)] = value
     if not state:
         raise WeightsError(f"{path}: no tensors found in the checkpoint")
+    file_size = path.stat().st_size
+    if tensor_bytes > 2 * file_size + TENSOR_BYTES_SLACK:
+        # Views may share a storage or repeat it (stride 0): every later copy would multiply the file.
+        raise WeightsError(
+            f"{path}: its tensors span {tensor_bytes} bytes, more than its {file_size}-byte file holds "
+            "(overlapping or repeated views of the stored data)"
+        )
     return state
 
 
@@ -258,7 +446,7 @@ def canonicalize(
     num_anchors = config.num_anchors
     for suffix in (".weight", ".bias"):
         key = _OBJECTNESS + suffix
-        if key in state and state[key].shape[0] == 2 * num_anchors:
+        if key in state and state[key].ndim and state[key].shape[0] == 2 * num_anchors:
             softmax = state[key]
             state[key] = (softmax[num_anchors:] - softmax[:num_anchors]).astype(softmax.dtype)
             if suffix == ".weight":
@@ -266,7 +454,7 @@ def canonicalize(
 
     num_classes = config.num_classes
     bbox_key = _BBOX_PRED + ".weight"
-    bbox_rows = state[bbox_key].shape[0] if bbox_key in state else None
+    bbox_rows = state[bbox_key].shape[0] if bbox_key in state and state[bbox_key].ndim else None
     if background == "auto":
         background = "first" if bbox_rows == 4 * (num_classes + 1) else "last"
     if background == "first":
@@ -283,7 +471,7 @@ def canonicalize(
     if bbox_rows == 4 * (num_classes + 1):
         drop = slice(4, None) if background == "first" else slice(None, -4)
         for suffix in (".weight", ".bias"):
-            if _BBOX_PRED + suffix in state:
+            if _BBOX_PRED + suffix in state and state[_BBOX_PRED + suffix].ndim:
                 state[_BBOX_PRED + suffix] = state[_BBOX_PRED + suffix][drop]
         report.conversions.append("background rows of bbox_pred dropped")
 

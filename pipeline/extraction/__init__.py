@@ -8,7 +8,7 @@ extraction goes wrong:
   a killed run leaves whole parts only and a rerun computes exactly the missing images.
 * Bad input never stops the run: decoding happens in DataLoader workers (pipeline/images.py), a failure
   becomes an error item, and a detector failure on a batch is retried image by image to isolate the
-  culprit. Failures go to `OUT/errors.jsonl`; they are not in the store, so a rerun retries them.
+  culprit. Failures go to `OUT/_errors.jsonl`; they are not in the store, so a rerun retries them.
 * Sharded: under `torchrun` every rank takes a deterministic slice of the sorted, not-yet-done image ids and
   writes its own parts (shard = rank) into the same directory; the ranks' results are merged after a barrier.
 * One dtype convention: a detector result becomes a store row once, in the store's dtypes (`to_record`).

@@ -55,8 +55,30 @@ class RegionDetector(Protocol):
         ...
 
 
+class NonFiniteRegionsError(ValueError):
+    """A detector returned NaN or inf (or features beyond the store's float16 range) for an image.
+
+    Raised by `to_record`; the extraction run records the image as failed instead of storing the values.
+    """
+
+
 def _converted(value: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
     return None if value is None else np.asarray(value, dtype=dtype)
+
+
+def _nonfinite(name: str, stored: np.ndarray | None, given: object) -> str | None:
+    """What is not finite in the stored array `name` (NaN, inf, or finite values the dtype cannot hold)."""
+    if stored is None or not np.issubdtype(stored.dtype, np.floating):
+        return None
+    bad = ~np.isfinite(stored)
+    if not bad.any():
+        return None
+    nan = int(np.isnan(stored).sum())
+    problem = f"{name}: {nan} NaN, {int(bad.sum()) - nan} inf"
+    source = np.asarray(given)
+    if np.issubdtype(source.dtype, np.floating) and np.isfinite(source).all():
+        problem += f" (finite values up to {float(np.max(np.abs(source))):.6g} overflow {stored.dtype})"
+    return problem
 
 
 def to_record(
@@ -66,15 +88,27 @@ def to_record(
 
     The detector's own dtypes (float32 features, int64 ids) are its business; the store's are float32 boxes
     and confidences, int32 ids and `feature_dtype` features. The writer checks them and converts nothing.
+
+    Raises NonFiniteRegionsError when a converted float array (features, boxes, confidences) holds NaN or
+    inf, including finite features beyond float16's range: such an image is a failed image, never a row.
     """
-    return RegionRecord(
-        image_id=image_id,
-        image_w=int(image.shape[1]),
-        image_h=int(image.shape[0]),
-        boxes=np.asarray(regions.boxes, dtype=ARRAY_DTYPES["boxes"]).reshape(-1, 4),
-        features=np.asarray(regions.features, dtype=feature_dtype),
-        object_ids=_converted(regions.object_ids, ARRAY_DTYPES["object_ids"]),
-        object_conf=_converted(regions.object_conf, ARRAY_DTYPES["object_conf"]),
-        attribute_ids=_converted(regions.attribute_ids, ARRAY_DTYPES["attribute_ids"]),
-        attribute_conf=_converted(regions.attribute_conf, ARRAY_DTYPES["attribute_conf"]),
-    )
+    with np.errstate(over="ignore"):  # a float16 overflow becomes inf, refused below
+        record = RegionRecord(
+            image_id=image_id,
+            image_w=int(image.shape[1]),
+            image_h=int(image.shape[0]),
+            boxes=np.asarray(regions.boxes, dtype=ARRAY_DTYPES["boxes"]).reshape(-1, 4),
+            features=np.asarray(regions.features, dtype=feature_dtype),
+            object_ids=_converted(regions.object_ids, ARRAY_DTYPES["object_ids"]),
+            object_conf=_converted(regions.object_conf, ARRAY_DTYPES["object_conf"]),
+            attribute_ids=_converted(regions.attribute_ids, ARRAY_DTYPES["attribute_ids"]),
+            attribute_conf=_converted(regions.attribute_conf, ARRAY_DTYPES["attribute_conf"]),
+        )
+    problems = [
+        problem
+        for name in ("features", "boxes", "object_conf", "attribute_conf")
+        if (problem := _nonfinite(name, getattr(record, name), getattr(regions, name))) is not None
+    ]
+    if problems:
+        raise NonFiniteRegionsError(f"{image_id}: detector output is not finite ({'; '.join(problems)})")
+    return record

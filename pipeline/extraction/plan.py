@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.images import ImageListError, list_images, read_image_list
+from pipeline.extraction.summary import ERRORS_FILE, SUMMARY_FILE
+from pipeline.images import ImageListError, ImageListing, check_listed, read_image_list, scan_images
 from pipeline.store import FeatureStore, FeatureStoreError, list_parts
 
 # Metadata keys that must agree between the parts already in OUT and this run: mixing them would make one
 # feature set out of two different extractors.
-COMPATIBILITY_KEYS = ("extractor", "detector_config", "weights_sha256", "untrained", "precision")
+COMPATIBILITY_KEYS = ("extractor", "detector_config", "weights_sha256", "untrained", "precision", "exif")
 RANK_FILE = re.compile(r"^\.extract-rank-(\d+)\.json$")
-# Temporary files of atomic_output (`.NAME.<random>.tmp`) for everything a run writes into OUT.
+# Temporary files of atomic_output / publish_new (`.NAME.<random>.tmp`) for everything a run writes into OUT.
 _STALE_TEMPORARY = re.compile(
-    r"^\.(part-.+\.parquet|summary\.json|errors\.jsonl|extract-rank-\d+\.json)\..+\.tmp$"
+    rf"^\.(part-.+\.parquet|{re.escape(SUMMARY_FILE)}|{re.escape(ERRORS_FILE)}|\.extract-rank-\d+\.json)"
+    r"\..+\.tmp$"
 )
 
 
@@ -27,19 +29,26 @@ class ExtractError(UserError):
     """A problem with the inputs or settings of a run; the message names the file or option."""
 
 
-def plan_image_ids(images_root: Path, list_file: Path | None) -> list[str]:
-    """The image ids of the run: a list file's entries, or every jpg/jpeg/png under the root, sorted."""
+def plan_image_ids(
+    images_root: Path, list_file: Path | None, *, follow_symlinks: bool = False
+) -> ImageListing:
+    """The image ids of the run (a list file's entries in order, or every jpg/jpeg/png under the root,
+    sorted), and the files refused before decoding, each to become an error record: names that are not
+    valid UTF-8 or hold control characters, symlinks leading outside the root (unless `follow_symlinks`),
+    list entries that match a file only after Unicode normalisation. Ids are kept byte-for-byte as the file
+    system (or the list file) spells them: no Unicode normalisation, no `\\` to `/` rewriting on POSIX.
+    """
     try:
         if list_file is not None:
             if not images_root.is_dir():
                 raise ImageListError(f"{images_root}: images folder not found (or not a directory)")
-            return read_image_list(list_file)
-        image_ids = list_images(images_root)
+            return check_listed(images_root, read_image_list(list_file), follow_symlinks=follow_symlinks)
+        listing = scan_images(images_root, follow_symlinks=follow_symlinks)
     except ImageListError as exc:
         raise ExtractError(str(exc)) from None
-    if not image_ids:
+    if not listing.image_ids and not listing.refused:
         raise ExtractError(f"{images_root}: no .jpg/.jpeg/.png images found (searched recursively)")
-    return image_ids
+    return listing
 
 
 def shard_for_rank(pending: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -48,7 +57,11 @@ def shard_for_rank(pending: Sequence[str], rank: int, world_size: int) -> list[s
 
 
 def remove_stale_temporaries(out: Path) -> list[str]:
-    """Delete temporary files a killed run left behind (never complete parts: those are kept)."""
+    """Delete temporary files a killed run left behind (never complete parts: those are kept).
+
+    Call it only while holding the store's lock (`store_lock`): then no other run is live, so every
+    temporary belongs to a dead one; without the lock this would delete a live run's part in the making.
+    """
     removed = []
     if out.is_dir():
         for entry in os.scandir(out):
