@@ -111,7 +111,8 @@ def generate(workdir: Path, num_images: int, regions: int, dim: int, seed: int) 
 
     from pipeline.captions import write_captions
     from pipeline.loaders import open_feature_table
-    from pipeline.store import FeatureStoreWriter, RegionRecord
+    from pipeline.store import RegionRecord
+    from pipeline.store_writer import FeatureStoreWriter
     from pipeline.vocab import build_vocabulary
 
     store = workdir / "features"

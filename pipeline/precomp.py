@@ -40,7 +40,9 @@ import numpy as np
 from pipeline.captions import write_captions
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
-from pipeline.store import FeatureDtype, FeatureStoreWriter, RegionRecord, list_parts, store_lock
+from pipeline.store import FeatureDtype, RegionRecord, list_parts
+from pipeline.store_lock import store_lock
+from pipeline.store_writer import FeatureStoreWriter
 from pipeline.tsv import describe_nonfinite, listed
 
 CAPTIONS_SUFFIX = ".captions.parquet"
@@ -348,7 +350,7 @@ def import_precomp(
     progress: bool = True,
 ) -> PrecompImport:
     """Convert one split of SCAN's precomputed data into a feature store and a captions table, holding the
-    store's lock (one writer at a time; see `pipeline.store.store_lock`). All or nothing."""
+    store's lock (one writer at a time; see `pipeline.store_lock.store_lock`). All or nothing."""
     with store_lock(out_dir, command=f"import-precomp {data_dir} {split}"):
         return _import_precomp(
             data_dir,

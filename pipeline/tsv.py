@@ -35,13 +35,9 @@ import numpy as np
 from pipeline.atomic import atomic_output
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
-from pipeline.store import (
-    FeatureDtype,
-    FeatureStore,
-    FeatureStoreWriter,
-    RegionRecord,
-    store_lock,
-)
+from pipeline.store import FeatureDtype, FeatureStore, RegionRecord
+from pipeline.store_lock import store_lock
+from pipeline.store_writer import FeatureStoreWriter
 
 TSV_FIELDS: tuple[str, ...] = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 IdRule = Literal["keep", "coco", "flickr", "mapping"]
@@ -407,7 +403,7 @@ def import_tsv_file(
     progress: bool = True,
 ) -> TsvImport:
     """Convert a TSV file into a feature store under `out_root`, holding the store's lock (one writer at a
-    time; see `pipeline.store.store_lock`). All or nothing, as `_import_tsv_file` describes."""
+    time; see `pipeline.store_lock.store_lock`). All or nothing, as `_import_tsv_file` describes."""
     with store_lock(out_root, command=f"import-tsv {path}"):
         return _import_tsv_file(
             path,

@@ -145,7 +145,7 @@ def migrate(
     new: Path = typer.Argument(..., help="Empty or new directory for the converted store."),
 ) -> None:
     """Convert a store of the first layout into the current one (same parts and values, no recomputation)."""
-    from pipeline.store import migrate_store
+    from pipeline.store_repair import migrate_store
 
     with user_errors(code=EXIT_USAGE):
         result = migrate_store(old, new)

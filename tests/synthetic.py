@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.captions import write_captions
-from pipeline.store import FeatureStoreWriter, RegionRecord
+from pipeline.store import RegionRecord
+from pipeline.store_writer import FeatureStoreWriter
 from pipeline.vocab import build_vocabulary
 
 CONCEPT_WORDS = (

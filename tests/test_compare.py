@@ -21,7 +21,8 @@ from pipeline.compare import (
     metric_direction,
 )
 from pipeline.errors import UserError
-from pipeline.store import FeatureStore, FeatureStoreWriter, RegionRecord
+from pipeline.store import FeatureStore, RegionRecord
+from pipeline.store_writer import FeatureStoreWriter
 from stages.cli import app
 
 BASELINE = {

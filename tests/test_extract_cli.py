@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from extractors.bua.factory import detector_config
 from extractors.bua.weights import WEIGHTS_NOT_GIVEN_MESSAGE
-from pipeline.images import list_images
+from pipeline.image_files import list_images
 from pipeline.params import ExtractParams
 from pipeline.store import FeatureStore, list_parts
 from stages.cli import app

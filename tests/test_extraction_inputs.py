@@ -25,7 +25,7 @@ import pipeline.extraction.run as run_module
 from pipeline.extraction import ERRORS_FILE, ExtractError, extract_images
 from pipeline.extraction.decode import ImageFileDataset, ImageItem
 from pipeline.extraction.plan import plan_image_ids
-from pipeline.images import check_listed, list_images, name_problem, printable_id, scan_images
+from pipeline.image_files import check_listed, list_images, name_problem, printable_id, scan_images
 from pipeline.params import ExtractParams
 from pipeline.store import FeatureStore
 

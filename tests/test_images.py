@@ -14,18 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.image_files import ImageListError, list_images, read_image_list
 from pipeline.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     JPEG_WITHOUT_END_MARKER,
     PREPROCESS_BYTES_PER_PIXEL,
     ImageDecodeError,
-    ImageListError,
     decode_image,
-    list_images,
     load_image,
     max_file_bytes,
     read_image_header,
-    read_image_list,
 )
 from pipeline.params import ExtractParams
 

@@ -18,7 +18,8 @@ import pytest
 
 from pipeline.extraction.detector import NonFiniteRegionsError, to_record
 from pipeline.precomp import import_precomp
-from pipeline.store import FeatureStore, FeatureStoreWriter, RegionRecord
+from pipeline.store import FeatureStore, RegionRecord
+from pipeline.store_writer import FeatureStoreWriter
 from pipeline.tsv import TsvError, convert_ids, export_tsv, read_id_map, read_tsv
 from tests.conftest import SHARED_DIR
 

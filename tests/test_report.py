@@ -25,7 +25,8 @@ from pipeline.report import ReportError, ReportInputs, ReportSources, build_repo
 from pipeline.report.chance import chance_metrics, recall_curve
 from pipeline.report.inputs import read_metrics
 from pipeline.report.published import load_published_results, published_rows
-from pipeline.store import FeatureStoreWriter, RegionRecord
+from pipeline.store import RegionRecord
+from pipeline.store_writer import FeatureStoreWriter
 from pipeline.training_log import EpochRecord, append_epoch, read_training_log
 
 N_IMAGES = 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import gc
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import store as store_module
+from pipeline import store_repair
 from pipeline.captions import CaptionsError, read_captions, write_captions
 from pipeline.feature_table import cached_feature_table, index_path
 from pipeline.store import (
@@ -24,12 +26,12 @@ from pipeline.store import (
     STORE_FORMAT,
     FeatureStore,
     FeatureStoreError,
-    FeatureStoreWriter,
     RegionRecord,
     StoreFormatError,
     existing_ids,
-    migrate_store,
 )
+from pipeline.store_repair import migrate_store
+from pipeline.store_writer import FeatureStoreWriter
 from pipeline.tsv import TsvError, export_tsv, import_tsv, read_tsv
 
 
@@ -378,7 +380,7 @@ def test_first_format_store_is_refused_and_migrates(tmp_path: Path) -> None:
         FeatureStore(old)
     # not "damaged": a resuming writer must stop here, not move every part of an old store to quarantine
     with pytest.raises(StoreFormatError):
-        store_module.part_problem(old / "part-0-00000.parquet")
+        store_repair.part_problem(old / "part-0-00000.parquet")
 
     result = migrate_store(old, tmp_path / "new")
     assert (result.images, result.parts, result.left_behind) == (7, 3, ["captions.parquet"])
@@ -428,6 +430,7 @@ def _open_descriptors() -> int:
 def test_reading_keeps_no_part_open(tmp_path: Path) -> None:
     records = make_records(60, dim=4)
     write_store(tmp_path / "store", records, rows_per_part=1)
+    gc.collect()  # files of earlier tests' garbage must not close while this one counts
     before = _open_descriptors()
     store = FeatureStore(tmp_path / "store")
     assert len(store.parts) == 60 and _open_descriptors() == before
@@ -514,7 +517,7 @@ def test_cached_table_opens_no_part_and_keeps_the_duplicate_policy(
     def no_part(path: Path) -> None:
         raise AssertionError(f"{path} opened although the cache is current")
 
-    monkeypatch.setattr(store_module, "_open_part", no_part)
+    monkeypatch.setattr(store_module, "open_part", no_part)
     again = cached_feature_table(root, cache, duplicates="keep_first")
     assert again.path == built.path and len(again) == 3
     monkeypatch.undo()

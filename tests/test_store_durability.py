@@ -28,7 +28,7 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-import pipeline.store as store_module
+import pipeline.store_writer as store_writer_module
 from pipeline import atomic
 from pipeline.extraction import SUMMARY_FILE, extract_images
 from pipeline.params import ExtractParams
@@ -37,13 +37,12 @@ from pipeline.store import (
     QUARANTINE_DIR,
     FeatureStore,
     FeatureStoreError,
-    FeatureStoreWriter,
     RegionRecord,
-    StoreLockedError,
     list_parts,
-    quarantine_unreadable_parts,
-    store_lock,
 )
+from pipeline.store_lock import StoreLockedError, store_lock
+from pipeline.store_repair import quarantine_unreadable_parts
+from pipeline.store_writer import FeatureStoreWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 6
@@ -129,7 +128,7 @@ def _records(count: int, start: int = 0) -> list[RegionRecord]:
 
 _HOLDER = """
 import os, sys, time
-from pipeline.store import store_lock
+from pipeline.store_lock import store_lock
 with store_lock(sys.argv[1], command="the holder"):
     child = os.fork()
     if child == 0:  # stands for a DataLoader worker: it must not keep the lock alive
@@ -296,7 +295,7 @@ def test_a_part_name_taken_meanwhile_sends_the_part_to_the_next_index(
                 Path(path).write_bytes(b"another writer's part")
                 taken.append(Path(path))
 
-    monkeypatch.setattr(store_module, "publish_new", racing_publish)
+    monkeypatch.setattr(store_writer_module, "publish_new", racing_publish)
     with FeatureStoreWriter(root, rows_per_part=2) as writer:
         for record in _records(2):
             writer.add(record)

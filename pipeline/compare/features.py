@@ -41,7 +41,7 @@ STATISTIC_COLUMNS = (
     "attribute_ids",
     "attribute_conf",
 )
-_OPTIONAL_COLUMNS = ("object_ids", "object_conf", "attribute_ids", "attribute_conf")
+OPTIONAL_COLUMNS = ("object_ids", "object_conf", "attribute_ids", "attribute_conf")
 # Long metadata lists (1,600 class names) are left out to keep the committed baseline small.
 _MAX_METADATA_LIST = 50
 
@@ -139,7 +139,7 @@ def _column_statistics(
             pending["num_boxes"].append(np.array([boxes.shape[0]]))
             pending["image_w"].append(np.array([record.image_w]))
             pending["image_h"].append(np.array([record.image_h]))
-            for name in _OPTIONAL_COLUMNS:
+            for name in OPTIONAL_COLUMNS:
                 values = getattr(record, name)
                 if values is not None:
                     pending[name].append(np.asarray(values))

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.extraction.summary import ERRORS_FILE, SUMMARY_FILE
-from pipeline.images import ImageListError, ImageListing, check_listed, read_image_list, scan_images
+from pipeline.image_files import ImageListError, ImageListing, check_listed, read_image_list, scan_images
 from pipeline.store import FeatureStore, FeatureStoreError, list_parts
 
 # Metadata keys that must agree between the parts already in OUT and this run: mixing them would make one

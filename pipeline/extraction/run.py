@@ -37,7 +37,9 @@ from pipeline.extraction.summary import (
 from pipeline.images import ImageDecodeError
 from pipeline.params import ExtractParams
 from pipeline.progress import progress_bar
-from pipeline.store import FeatureStoreWriter, QuarantinedPart, quarantine_unreadable_parts, store_lock
+from pipeline.store_lock import store_lock
+from pipeline.store_repair import QuarantinedPart, quarantine_unreadable_parts
+from pipeline.store_writer import FeatureStoreWriter
 
 # Ranks meet at barriers after extracting their shares, which can differ by a lot of images.
 _BARRIER_TIMEOUT_MINUTES = 12 * 60
