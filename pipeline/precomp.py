@@ -201,7 +201,7 @@ def _check_outputs(out_dir: Path, captions_path: Path, overwrite: bool) -> list[
     return existing
 
 
-def _import_precomp(
+def import_precomp(
     data_dir: str | Path,
     split: str,
     out_dir: str | Path,
@@ -216,151 +216,122 @@ def _import_precomp(
 ) -> PrecompImport:
     """Convert one split of SCAN's precomputed data into a feature store (`out_dir`) and a captions table
     (`captions_out`, default `<out_dir>.captions.parquet`), all or nothing (see the module docstring)."""
-    if captions_per_image < 1:
-        raise PrecompError(f"captions_per_image must be at least 1, got {captions_per_image}")
-    ims_path, caps_path = precomp_paths(data_dir, split)
-    features = open_features(ims_path)
-    captions = read_caption_lines(caps_path)
-    num_captions = len(captions)
-    if num_captions == 0:
-        raise PrecompError(f"{caps_path}: no captions")
-    if num_captions % captions_per_image:
-        raise PrecompError(
-            f"{caps_path}: {num_captions} captions is not a multiple of "
-            f"{captions_per_image} captions per image"
-        )
-    num_images = num_captions // captions_per_image
-    rows = features.shape[0]
-    if rows == num_images:
-        row_step = 1
-    elif rows == num_captions:
-        row_step = captions_per_image  # one repeated row per caption: keep the first of each image's rows
-    else:
-        raise PrecompError(
-            f"{ims_path}: {rows} image rows do not match {caps_path} ({num_captions} captions): expected "
-            f"{num_images} (one row per image) or {num_captions} (one row per caption)"
-        )
-    id_file = ids_path(data_dir, split)
-    if id_file.is_file():
-        image_ids = read_image_ids(id_file, num_images, captions_per_image)
-        ids_source = id_file.name
-    else:
-        image_ids = [f"{split}/{index:06d}" for index in range(num_images)]
-        ids_source = SYNTHETIC_IDS
-
-    out_dir = Path(out_dir)
-    captions_path = Path(captions_out) if captions_out is not None else default_captions_path(out_dir)
-    old_parts = _check_outputs(out_dir, captions_path, overwrite)
-
-    _, regions, feature_dim = features.shape
-    metadata = {
-        "source": "scan_precomp",
-        "split": split,
-        "features_file": ims_path.name,
-        "captions_file": caps_path.name,
-        "image_ids": ids_source,
-        "rows_per_caption": row_step != 1,
-        "boxes_known": False,  # boxes are zeros standing for "unknown"
-        "image_size_known": False,  # image_w = image_h = 0 standing for "unknown"
-        "untrained": False,
-    }
-    # New parts are numbered after any old ones, which are removed only once the new store is complete.
-    writer = FeatureStoreWriter(
-        out_dir, feature_dtype=feature_dtype, rows_per_part=rows_per_part, metadata=metadata
-    )
-    unknown_boxes = np.zeros((regions, 4), dtype=np.float32)
-    max_error: float | None = 0.0 if feature_dtype == "float16" else None
-    refused: list[str] = []
-    try:
-        with progress_bar("images", disable=not progress) as bar:
-            task = bar.add_task(f"import {split}", total=num_images)
-            for start in range(0, num_images, chunk_images):
-                stop = min(start + chunk_images, num_images)
-                # One contiguous read per chunk from the memory map (strided when rows repeat per caption).
-                source = np.asarray(features[start * row_step : stop * row_step : row_step])
-                with np.errstate(over="ignore"):  # overflow becomes inf: refused just below
-                    chunk = source.astype(feature_dtype, copy=False)
-                finite = np.isfinite(source).all(axis=(1, 2))
-                fits = np.isfinite(chunk).all(axis=(1, 2)) if chunk is not source else finite
-                for offset in np.flatnonzero(~(finite & fits)):
-                    index = start + int(offset)
-                    problem = describe_nonfinite({"features": source[offset]}) or (
-                        f"values up to |x| = {float(np.max(np.abs(source[offset]))):.6g} exceed the "
-                        f"{feature_dtype} range"
-                        + (" (import as float32)" if feature_dtype == "float16" else "")
-                    )
-                    refused.append(f"row {index * row_step}, image {image_ids[index]!r}: {problem}")
-                if not refused:
-                    if max_error is not None:
-                        error = np.abs(chunk.astype(source.dtype) - source)
-                        max_error = max(max_error, float(error.max(initial=0.0)))
-                    for offset, image_features in enumerate(chunk):
-                        writer.add(
-                            RegionRecord(
-                                image_id=image_ids[start + offset],
-                                image_w=0,
-                                image_h=0,
-                                boxes=unknown_boxes,
-                                features=image_features,
-                            )
-                        )
-                bar.update(task, advance=stop - start)
-        if refused:
+    with store_lock(out_dir, command=f"import-precomp {data_dir} {split}"):  # one writer at a time
+        if captions_per_image < 1:
+            raise PrecompError(f"captions_per_image must be at least 1, got {captions_per_image}")
+        ims_path, caps_path = precomp_paths(data_dir, split)
+        features = open_features(ims_path)
+        captions = read_caption_lines(caps_path)
+        num_captions = len(captions)
+        if num_captions == 0:
+            raise PrecompError(f"{caps_path}: no captions")
+        if num_captions % captions_per_image:
             raise PrecompError(
-                f"{ims_path}: {len(refused)} of {num_images} images hold non-finite values (NaN/inf); "
-                f"nothing was imported:\n{listed(refused)}"
+                f"{caps_path}: {num_captions} captions is not a multiple of "
+                f"{captions_per_image} captions per image"
             )
-        writer.close()
-        write_captions(
-            captions_path,
-            [image_id for image_id in image_ids for _ in range(captions_per_image)],
-            captions,
-            captions_per_image=captions_per_image,
+        num_images = num_captions // captions_per_image
+        rows = features.shape[0]
+        if rows == num_images:
+            row_step = 1
+        elif rows == num_captions:
+            row_step = captions_per_image  # one repeated row per caption: keep the first of each image's rows
+        else:
+            raise PrecompError(
+                f"{ims_path}: {rows} image rows do not match {caps_path} ({num_captions} captions): expected "
+                f"{num_images} (one row per image) or {num_captions} (one row per caption)"
+            )
+        id_file = ids_path(data_dir, split)
+        if id_file.is_file():
+            image_ids = read_image_ids(id_file, num_images, captions_per_image)
+            ids_source = id_file.name
+        else:
+            image_ids = [f"{split}/{index:06d}" for index in range(num_images)]
+            ids_source = SYNTHETIC_IDS
+
+        out_dir = Path(out_dir)
+        captions_path = Path(captions_out) if captions_out is not None else default_captions_path(out_dir)
+        old_parts = _check_outputs(out_dir, captions_path, overwrite)
+
+        _, regions, feature_dim = features.shape
+        metadata = {
+            "source": "scan_precomp",
+            "split": split,
+            "features_file": ims_path.name,
+            "captions_file": caps_path.name,
+            "image_ids": ids_source,
+            "rows_per_caption": row_step != 1,
+            "boxes_known": False,  # boxes are zeros standing for "unknown"
+            "image_size_known": False,  # image_w = image_h = 0 standing for "unknown"
+            "untrained": False,
+        }
+        # New parts are numbered after any old ones, which are removed only once the new store is complete.
+        writer = FeatureStoreWriter(
+            out_dir, feature_dtype=feature_dtype, rows_per_part=rows_per_part, metadata=metadata
         )
-    except BaseException:
-        writer.discard()
-        raise
-    for path in old_parts:
-        os.remove(path)
-    return PrecompImport(
-        num_images=num_images,
-        num_captions=num_captions,
-        regions=int(regions),
-        feature_dim=int(feature_dim),
-        rows_per_caption=row_step != 1,
-        store_dir=out_dir,
-        captions_path=captions_path,
-        image_ids_source=ids_source,
-        feature_dtype=feature_dtype,
-        float16_max_abs_error=max_error,
-    )
-
-
-def import_precomp(
-    data_dir: str | Path,
-    split: str,
-    out_dir: str | Path,
-    *,
-    captions_out: str | Path | None = None,
-    feature_dtype: FeatureDtype = "float32",
-    captions_per_image: int = 5,
-    rows_per_part: int = 512,
-    chunk_images: int = 256,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> PrecompImport:
-    """Convert one split of SCAN's precomputed data into a feature store and a captions table, holding the
-    store's lock (one writer at a time; see `pipeline.store_lock.store_lock`). All or nothing."""
-    with store_lock(out_dir, command=f"import-precomp {data_dir} {split}"):
-        return _import_precomp(
-            data_dir,
-            split,
-            out_dir,
-            captions_out=captions_out,
+        unknown_boxes = np.zeros((regions, 4), dtype=np.float32)
+        max_error: float | None = 0.0 if feature_dtype == "float16" else None
+        refused: list[str] = []
+        try:
+            with progress_bar("images", disable=not progress) as bar:
+                task = bar.add_task(f"import {split}", total=num_images)
+                for start in range(0, num_images, chunk_images):
+                    stop = min(start + chunk_images, num_images)
+                    # One contiguous read per chunk from the memory map (strided: rows repeated per caption).
+                    source = np.asarray(features[start * row_step : stop * row_step : row_step])
+                    with np.errstate(over="ignore"):  # overflow becomes inf: refused just below
+                        chunk = source.astype(feature_dtype, copy=False)
+                    finite = np.isfinite(source).all(axis=(1, 2))
+                    fits = np.isfinite(chunk).all(axis=(1, 2)) if chunk is not source else finite
+                    for offset in np.flatnonzero(~(finite & fits)):
+                        index = start + int(offset)
+                        problem = describe_nonfinite({"features": source[offset]}) or (
+                            f"values up to |x| = {float(np.max(np.abs(source[offset]))):.6g} exceed the "
+                            f"{feature_dtype} range"
+                            + (" (import as float32)" if feature_dtype == "float16" else "")
+                        )
+                        refused.append(f"row {index * row_step}, image {image_ids[index]!r}: {problem}")
+                    if not refused:
+                        if max_error is not None:
+                            error = np.abs(chunk.astype(source.dtype) - source)
+                            max_error = max(max_error, float(error.max(initial=0.0)))
+                        for offset, image_features in enumerate(chunk):
+                            writer.add(
+                                RegionRecord(
+                                    image_id=image_ids[start + offset],
+                                    image_w=0,
+                                    image_h=0,
+                                    boxes=unknown_boxes,
+                                    features=image_features,
+                                )
+                            )
+                    bar.update(task, advance=stop - start)
+            if refused:
+                raise PrecompError(
+                    f"{ims_path}: {len(refused)} of {num_images} images hold non-finite values (NaN/inf); "
+                    f"nothing was imported:\n{listed(refused)}"
+                )
+            writer.close()
+            write_captions(
+                captions_path,
+                [image_id for image_id in image_ids for _ in range(captions_per_image)],
+                captions,
+                captions_per_image=captions_per_image,
+            )
+        except BaseException:
+            writer.discard()
+            raise
+        for path in old_parts:
+            os.remove(path)
+        return PrecompImport(
+            num_images=num_images,
+            num_captions=num_captions,
+            regions=int(regions),
+            feature_dim=int(feature_dim),
+            rows_per_caption=row_step != 1,
+            store_dir=out_dir,
+            captions_path=captions_path,
+            image_ids_source=ids_source,
             feature_dtype=feature_dtype,
-            captions_per_image=captions_per_image,
-            rows_per_part=rows_per_part,
-            chunk_images=chunk_images,
-            overwrite=overwrite,
-            progress=progress,
+            float16_max_abs_error=max_error,
         )

@@ -327,7 +327,7 @@ class TsvImport:
     float16_max_abs_error: float | None  # largest |float16(x) - x| over the imported features (float16 only)
 
 
-def _import_tsv_file(
+def import_tsv_file(
     path: str | Path,
     out_root: str | Path,
     *,
@@ -344,75 +344,52 @@ def _import_tsv_file(
     whole import after the file has been read to the end: the TsvError names every such line and id, and the
     parts written so far are deleted. A malformed line fails at once, also deleting them.
     """
-    path = Path(path)
-    info = {"source": "tsv", "tsv_file": path.name, **(metadata or {})}
-    writer = FeatureStoreWriter(
-        out_root, shard=shard, feature_dtype=feature_dtype, rows_per_part=rows_per_part, metadata=info
-    )
-    count = 0
-    feature_dim = 0
-    max_error: float | None = 0.0 if feature_dtype == "float16" else None
-    refused: list[str] = []
-    try:
-        with progress_bar("images", disable=not progress) as bar:
-            task = bar.add_task(f"import {path.name}", total=None)
-            for line, record in _parse_tsv(path):
-                count += 1
-                feature_dim = int(record.features.shape[1])
-                bar.update(task, advance=1)
-                problem = describe_nonfinite({"boxes": record.boxes, "features": record.features})
-                with np.errstate(over="ignore"):  # overflow becomes inf: refused just below
-                    features = record.features.astype(feature_dtype)
-                if problem is None and feature_dtype == "float16" and not np.isfinite(features).all():
-                    peak = float(np.max(np.abs(record.features)))
-                    problem = f"features up to |x| = {peak:.6g} exceed the float16 range (use float32)"
-                if problem:
-                    refused.append(f"line {line}, image {record.image_id!r}: {problem}")
-                if refused:
-                    continue  # the import is refused: keep reading only to name every bad line
-                if max_error is not None:
-                    error = np.abs(features.astype(np.float32) - record.features)
-                    max_error = max(max_error, float(error.max(initial=0.0)))
-                record.features = features
-                writer.add(record)
-        if refused:
-            raise TsvError(
-                f"{path}: {len(refused)} of {count} images hold non-finite values (NaN/inf); "
-                f"nothing was imported:\n{listed(refused)}"
-            )
-        writer.close()
-    except BaseException:
-        writer.discard()
-        raise
-    return TsvImport(
-        num_images=count,
-        feature_dim=feature_dim,
-        feature_dtype=feature_dtype,
-        float16_max_abs_error=max_error,
-    )
-
-
-def import_tsv_file(
-    path: str | Path,
-    out_root: str | Path,
-    *,
-    feature_dtype: FeatureDtype = "float32",
-    rows_per_part: int = 512,
-    shard: str = "0",
-    metadata: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> TsvImport:
-    """Convert a TSV file into a feature store under `out_root`, holding the store's lock (one writer at a
-    time; see `pipeline.store_lock.store_lock`). All or nothing, as `_import_tsv_file` describes."""
-    with store_lock(out_root, command=f"import-tsv {path}"):
-        return _import_tsv_file(
-            path,
-            out_root,
+    with store_lock(out_root, command=f"import-tsv {path}"):  # one writer at a time
+        path = Path(path)
+        info = {"source": "tsv", "tsv_file": path.name, **(metadata or {})}
+        writer = FeatureStoreWriter(
+            out_root, shard=shard, feature_dtype=feature_dtype, rows_per_part=rows_per_part, metadata=info
+        )
+        count = 0
+        feature_dim = 0
+        max_error: float | None = 0.0 if feature_dtype == "float16" else None
+        refused: list[str] = []
+        try:
+            with progress_bar("images", disable=not progress) as bar:
+                task = bar.add_task(f"import {path.name}", total=None)
+                for line, record in _parse_tsv(path):
+                    count += 1
+                    feature_dim = int(record.features.shape[1])
+                    bar.update(task, advance=1)
+                    problem = describe_nonfinite({"boxes": record.boxes, "features": record.features})
+                    with np.errstate(over="ignore"):  # overflow becomes inf: refused just below
+                        features = record.features.astype(feature_dtype)
+                    if problem is None and feature_dtype == "float16" and not np.isfinite(features).all():
+                        peak = float(np.max(np.abs(record.features)))
+                        problem = f"features up to |x| = {peak:.6g} exceed the float16 range (use float32)"
+                    if problem:
+                        refused.append(f"line {line}, image {record.image_id!r}: {problem}")
+                    if refused:
+                        continue  # the import is refused: keep reading only to name every bad line
+                    if max_error is not None:
+                        error = np.abs(features.astype(np.float32) - record.features)
+                        max_error = max(max_error, float(error.max(initial=0.0)))
+                    record.features = features
+                    writer.add(record)
+            if refused:
+                raise TsvError(
+                    f"{path}: {len(refused)} of {count} images hold non-finite values (NaN/inf); "
+                    f"nothing was imported:\n{listed(refused)}"
+                )
+            writer.close()
+        except BaseException:
+            writer.discard()
+            raise
+        return TsvImport(
+            num_images=count,
+            feature_dim=feature_dim,
             feature_dtype=feature_dtype,
-            rows_per_part=rows_per_part,
-            shard=shard,
-            metadata=metadata,
-            progress=progress,
+            float16_max_abs_error=max_error,
         )
 
 
