@@ -7,7 +7,9 @@ A checkpoint is a directory:
     checkpoint.json         model name + config (enough to rebuild the model through the registry), epoch,
                             learning rate, metrics, optimizer hyperparameters, RNG states, training params,
                             package version
-    vocab.json              the vocabulary the model was trained with, so evaluation needs only this folder
+    vocab.json              the vocabulary the model was trained with, so evaluation needs only this folder;
+                            `checkpoint.json["tokenizer"]` names the tokenizer that maps captions onto it
+                            (`scan_pipe_words`, or `official_nltk` for runs imported from the official code)
 
 The directory is written under a temporary name beside its destination and renamed into place, so a reader
 never sees a half-written checkpoint. Nothing is ever unpickled: a checkpoint from an untrusted source can at
@@ -34,6 +36,7 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.vocab import SCAN_PIPE_TOKENIZER, TOKENIZERS
 
 CHECKPOINT_FORMAT = "scan-pipe-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -64,6 +67,7 @@ class CheckpointInfo:
     vocab_path: Path | None
     extra: dict[str, Any] = field(default_factory=dict)
     optimizer_meta: dict[str, Any] | None = None
+    tokenizer: str = SCAN_PIPE_TOKENIZER  # how captions become ids of `vocab_path` (pipeline.vocab)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -143,6 +147,7 @@ def save_checkpoint(
     train_params: BaseModel | Mapping[str, Any] | None = None,
     vocab_path: str | Path | None = None,
     extra: Mapping[str, Any] | None = None,
+    tokenizer: str = SCAN_PIPE_TOKENIZER,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
@@ -150,6 +155,8 @@ def save_checkpoint(
     states). `vocab_path` is copied in, so the checkpoint is self-contained for evaluation.
     """
     destination = Path(directory)
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     plain_model = unwrap_model(model)
     staging = _staging_dir(destination)
     try:
@@ -178,6 +185,7 @@ def save_checkpoint(
             "rng_state": dict(rng_state or {}),
             "train_params": None if train_params is None else _config_to_dict(train_params),
             "vocab_file": VOCAB_FILE if vocab_path is not None else None,
+            "tokenizer": tokenizer,
             "extra": dict(extra or {}),
         }
         (staging / CHECKPOINT_JSON).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -241,6 +249,11 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         if not isinstance(document.get(key), kind):
             raise CheckpointError(f"{json_path}: key {key!r} missing or not a {kind.__name__}")
     vocab_file = document.get("vocab_file")
+    tokenizer = document.get("tokenizer", SCAN_PIPE_TOKENIZER)  # absent: written before official imports
+    if tokenizer not in TOKENIZERS:
+        raise CheckpointError(
+            f"{json_path}: key 'tokenizer' is {tokenizer!r}; this code knows {', '.join(TOKENIZERS)}"
+        )
     return CheckpointInfo(
         path=path,
         model_name=document["model_name"],
@@ -255,6 +268,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         vocab_path=(path / vocab_file) if vocab_file else None,
         extra=document.get("extra") or {},
         optimizer_meta=document.get("optimizer"),
+        tokenizer=tokenizer,
     )
 
 

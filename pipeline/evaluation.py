@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,7 +55,10 @@ from pipeline.metrics import (
 from pipeline.models.ensemble import average_scores
 from pipeline.models.xattn import BlockSize
 from pipeline.progress import progress_bar
-from pipeline.vocab import Vocabulary
+from pipeline.vocab import Vocabulary, load_vocabulary
+
+if TYPE_CHECKING:
+    from pipeline.official_vocab import OfficialVocabulary
 
 # Captions per `similarity` call: large enough to fill a GPU block, small enough that a chunk's padding
 # (to its longest caption; chunks are length-sorted) stays cheap.
@@ -401,7 +404,10 @@ def protocol_metrics(scores: Tensor | np.ndarray, protocol: str, captions_per_im
     return evaluate_protocol(scores, protocol, captions_per_image)
 
 
-def _load_vocabulary(info: CheckpointInfo, vocab_path: str | Path | None) -> tuple[Vocabulary, Path]:
+def _load_vocabulary(
+    info: CheckpointInfo, vocab_path: str | Path | None
+) -> tuple[Vocabulary | OfficialVocabulary, Path]:
+    """The checkpoint's vocabulary (or `vocab_path`), read with the tokenizer the checkpoint names."""
     path = Path(vocab_path) if vocab_path is not None else info.vocab_path
     if path is None:
         raise EvaluationError(
@@ -409,7 +415,7 @@ def _load_vocabulary(info: CheckpointInfo, vocab_path: str | Path | None) -> tup
         )
     if not path.is_file():
         raise EvaluationError(f"{path}: vocabulary file not found")
-    vocab = Vocabulary.load(path)
+    vocab = load_vocabulary(path, info.tokenizer)
     expected = info.model_config.get("vocab_size")
     if expected is not None and len(vocab) != expected:
         raise EvaluationError(

@@ -178,8 +178,8 @@ def evaluation_layout(
 
 
 def _region_tensor(table: RegionFeatureTable, row: int) -> torch.Tensor:
-    """One image's regions as a float32 tensor (the only copy made of the mapped features)."""
-    return torch.from_numpy(np.asarray(table.features(row), dtype=np.float32))
+    """One image's regions as a float32 tensor, copied out of the read-only map (torch wants it writable)."""
+    return torch.from_numpy(np.array(table.features(row), dtype=np.float32))
 
 
 class PairDataset(Dataset):

@@ -125,6 +125,8 @@ class TrainParams(Section):
     margin: float = Field(0.2, ge=0)
     max_violation: bool = True
     grad_clip: float = Field(2.0, gt=0)
+    optimizer: Literal["adam", "adam_torch04"] = "adam"  # adam_torch04: torch 0.3/0.4 Adam (pipeline.optim)
+    init: str | None = None  # checkpoint directory to fine-tune (e.g. from import-official); pipeline.train
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     device: str = "auto"

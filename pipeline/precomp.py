@@ -1,9 +1,19 @@
 """Import SCAN's precomputed features (`{split}_ims.npy` + `{split}_caps.txt`) into a feature store.
 
 The original data: `{split}_ims.npy` holds (rows, 36, 2048) region features, `{split}_caps.txt` one caption
-per line, `captions_per_image` (5) consecutive lines per image. Some splits store one image row per caption
-(rows equal to the caption count, each image's row repeated 5 times); like the original (which divides the
-caption index by 5 to find the image, and keeps every 5th row at evaluation) we keep rows 0, 5, 10, ...
+per line, `captions_per_image` (5) consecutive lines per image. Caption lines are read as the official loader
+reads them (`open(..., 'rb')`, `line.strip()`, then UTF-8): lines end at b"\n" only (a lone "\r" inside a
+line stays in it), a last line without "\n" counts, and only ASCII whitespace is stripped (a trailing
+U+00A0 stays).
+
+Some splits store one image row per caption (rows equal to the caption count, each image's row repeated 5
+times); like the official `evalrank` (which keeps rows 0, 5, 10, ...) we keep each image's first row. The
+official training, though, feeds each caption its own row, so the repeated rows are checked against the
+first one: every row is read once for that (chunk by chunk, before the import proper, so that the result
+is already in the first part's metadata). Differing rows are not an error; the result and the store
+metadata say how many images differ and by how much (`repeated_rows_checked`,
+`images_with_differing_rows`, `repeated_rows_max_abs_diff`; inf, or the string "inf" in the JSON metadata,
+when a repeated row holds NaN/inf where its first row does not), and the stage prints a warning.
 
 The .npy is memory-mapped (`allow_pickle=False`) and copied chunk by chunk, so COCO's tens of GB never sit in
 RAM. Outputs, kept apart so that a reader of the store directory (pandas, DuckDB, pyarrow.dataset) sees only
@@ -26,7 +36,8 @@ Non-finite values (NaN/inf in an imported row, or a value beyond the stored dtyp
 65504) refuse the whole import: every imported row is still checked, the PrecompError names each refused row
 and image id (the first 20), and nothing is written (a store being replaced with `overwrite` stays as it was).
 A store with holes would no longer line up with the captions (caption j belongs to image j // 5). Only the
-rows the import reads are checked: in the one-row-per-caption layout, the repeated rows it skips are not.
+imported rows are refused this way: in the one-row-per-caption layout, a non-finite value in a skipped
+repeated row shows as a difference (inf) in the repeated-rows check instead.
 """
 
 from __future__ import annotations
@@ -67,6 +78,11 @@ class PrecompImport:
     image_ids_source: str  # the ids file's name, or "synthetic"
     feature_dtype: str
     float16_max_abs_error: float | None  # largest |float16(x) - x| over the imported features (float16 only)
+    # One-row-per-caption layout only (False / 0 / None otherwise): images whose repeated rows are not all
+    # equal to their first (kept) row, and the largest |row - first row| over them (0.0 when all are equal).
+    repeated_rows_checked: bool = False
+    images_with_differing_rows: int = 0
+    repeated_rows_max_abs_diff: float | None = None
 
 
 def precomp_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
@@ -89,14 +105,21 @@ def default_captions_path(out_dir: str | Path) -> Path:
 
 
 def read_caption_lines(path: Path) -> list[str]:
-    """One caption per line, stripped, as the original reads them."""
+    """One caption per line, exactly as the official loader reads them (see the module docstring).
+
+    Binary lines (split on b"\n" only), `bytes.strip()` (ASCII whitespace), then UTF-8: the official tokens
+    and ids depend on these details. Also used for `{split}_ids.txt`.
+    """
     if not path.is_file():
         raise PrecompError(f"{path}: captions file not found")
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return [line.strip() for line in handle]
-    except UnicodeDecodeError as exc:
-        raise PrecompError(f"{path}: not UTF-8 text: {exc}") from exc
+    lines: list[str] = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):  # binary iteration splits on b"\n" only
+            try:
+                lines.append(raw.strip().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise PrecompError(f"{path}:{number}: not UTF-8 text: {exc}") from None
+    return lines
 
 
 def read_image_ids(path: Path, num_images: int, captions_per_image: int) -> list[str]:
@@ -161,6 +184,40 @@ def open_features(path: Path) -> np.ndarray:
     if not np.issubdtype(features.dtype, np.floating):
         raise PrecompError(f"{path}: features must be floating point, got {features.dtype}")
     return features
+
+
+def check_repeated_rows(
+    features: np.ndarray, row_step: int, *, chunk_images: int = 256, progress: bool = False
+) -> tuple[int, float]:
+    """(images whose `row_step` rows are not all equal to their first row, largest |row - first row|).
+
+    One-row-per-caption layout: image i's rows are `i * row_step ...`. Read chunk by chunk from the memory
+    map (about `chunk_images` rows at a time, whatever `row_step`), vectorised; a NaN/inf in a repeated row
+    that its first row lacks counts as a difference of inf.
+    """
+    num_images = features.shape[0] // row_step
+    images_per_chunk = max(1, chunk_images // row_step)  # the kept rows alone are read `chunk_images` at once
+    differing = 0
+    max_diff = 0.0
+    with progress_bar("images", disable=not progress) as bar:
+        task = bar.add_task("check repeated rows", total=num_images)
+        for start in range(0, num_images, images_per_chunk):
+            stop = min(start + images_per_chunk, num_images)
+            block = np.asarray(features[start * row_step : stop * row_step])
+            block = block.reshape(stop - start, row_step, *features.shape[1:])
+            first = block[:, 0]
+            per_image = np.zeros(stop - start, dtype=np.float64)
+            for repeat in range(1, row_step):
+                with np.errstate(over="ignore", invalid="ignore"):
+                    diff = np.abs(block[:, repeat] - first).max(axis=(1, 2)).astype(np.float64)
+                    # equal non-finite values (inf == inf, or NaN in both) are the same row, not a difference
+                    same = (block[:, repeat] == first) | (np.isnan(block[:, repeat]) & np.isnan(first))
+                diff[same.all(axis=(1, 2))] = 0.0
+                per_image = np.maximum(per_image, np.where(np.isnan(diff), np.inf, diff))
+            differing += int(np.count_nonzero(per_image > 0))
+            max_diff = max(max_diff, float(per_image.max(initial=0.0)))
+            bar.update(task, advance=stop - start)
+    return differing, max_diff
 
 
 def _check_outputs(out_dir: Path, captions_path: Path, overwrite: bool) -> list[Path]:
@@ -254,6 +311,11 @@ def import_precomp(
         old_parts = _check_outputs(out_dir, captions_path, overwrite)
 
         _, regions, feature_dim = features.shape
+        differing_images, max_row_diff = (
+            check_repeated_rows(features, row_step, chunk_images=chunk_images, progress=progress)
+            if row_step != 1
+            else (0, None)
+        )
         metadata = {
             "source": "scan_precomp",
             "split": split,
@@ -261,6 +323,12 @@ def import_precomp(
             "captions_file": caps_path.name,
             "image_ids": ids_source,
             "rows_per_caption": row_step != 1,
+            "repeated_rows_checked": row_step != 1,
+            "images_with_differing_rows": differing_images,
+            # JSON has no inf: a non-finite difference is written as the string "inf"
+            "repeated_rows_max_abs_diff": (
+                max_row_diff if max_row_diff is None or np.isfinite(max_row_diff) else "inf"
+            ),
             "boxes_known": False,  # boxes are zeros standing for "unknown"
             "image_size_known": False,  # image_w = image_h = 0 standing for "unknown"
             "untrained": False,
@@ -334,4 +402,7 @@ def import_precomp(
             image_ids_source=ids_source,
             feature_dtype=feature_dtype,
             float16_max_abs_error=max_error,
+            repeated_rows_checked=row_step != 1,
+            images_with_differing_rows=differing_images,
+            repeated_rows_max_abs_diff=max_row_diff,
         )

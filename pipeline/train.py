@@ -9,6 +9,21 @@ learning rate, and the torch RNG, re-seeded per epoch inside a forked RNG scope 
 numbers after initialisation; the scope keeps it that way if a stochastic layer is added). So an interrupted
 run resumed from its last checkpoint ends with the same weights as an uninterrupted one (bit for bit on CPU).
 
+One step. `train_step` is the per-batch work (forward, scaled backward, clip, optimizer step) of both the
+epoch loop and `training_steps`, which runs explicit batches: that is how the step is checked against the
+official code's own numbers (tests/test_official_training.py).
+
+Fine-tuning. `params.init` names a checkpoint directory (e.g. written by `import-official`): its weights,
+architecture, vocabulary and tokenizer are the run's (the params' model options are then unused, and said so);
+Adam starts fresh, since official checkpoints carry no optimizer state. Weights always come with the
+vocabulary they index: a resumed run reads the one in its own last checkpoint.
+
+Defaults that differ from the official `train.py` (the table, and how to get each official value:
+docs/OFFICIAL_TRAINING.md): `max_violation` and the bidirectional GRU are on here (off in its argparse, on in
+the paper's commands); AMP is on by default on CUDA (bf16; the official trains in float32: `amp: false`); Adam
+is torch's current update (`optimizer: adam_torch04` gives torch 0.3/0.4's); the epoch order is seeded and
+the last incomplete batch dropped; resume restores the Adam moments (the official restarts them).
+
 Files under `out_dir`:
     checkpoints/last/   written atomically after every epoch (see `pipeline.checkpoint`)
     checkpoints/best/   a copy of the epoch with the best validation rsum so far
@@ -19,11 +34,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -48,6 +63,7 @@ from pipeline.distributed import (
     barrier,
     gather_with_grad,
     init_distributed,
+    resolve_device,
     shutdown,
     wrap_model,
 )
@@ -56,6 +72,7 @@ from pipeline.evaluation import model_scores
 from pipeline.loaders import (
     DataError,
     EpochBatchSampler,
+    PairBatch,
     PairDataset,
     evaluation_layout,
     map_image_ids,
@@ -66,10 +83,14 @@ from pipeline.loaders import (
 from pipeline.metrics import retrieval_metrics
 from pipeline.models.build import create_model
 from pipeline.models.losses import hardest_negative_triplet_loss
+from pipeline.optim import LegacyAdam
 from pipeline.params import TrainParams
 from pipeline.progress import progress_bar
 from pipeline.training_log import EpochRecord, append_epoch, read_training_log
-from pipeline.vocab import Vocabulary
+from pipeline.vocab import SCAN_PIPE_TOKENIZER, Vocabulary, load_vocabulary
+
+if TYPE_CHECKING:
+    from pipeline.official_vocab import OfficialVocabulary
 
 # Params that may change when a run is resumed: they do not alter the optimisation.
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "encode_batch_size", "val_block_size"})
@@ -102,6 +123,16 @@ class RunPaths:
         return self.out_dir / "metrics.jsonl"
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step computed (see `training_steps`)."""
+
+    loss: float  # on the weights before the step
+    grad_norm: float  # total L2 norm of all gradients before clipping (what clip_grad_norm_ returns)
+    lr: float
+    grads: dict[str, Tensor] | None = None  # per parameter name, before clipping; only when asked for
+
+
 @dataclass
 class TrainResult:
     """What a `train` call did."""
@@ -132,11 +163,24 @@ def learning_rate(params: TrainParams, epoch: int) -> float:
     return params.lr * (0.1 ** (epoch // params.lr_update))
 
 
+def make_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer `params.optimizer` names, over all of the model's parameters (as the official code)."""
+    if params.optimizer == "adam_torch04":
+        return LegacyAdam(model.parameters(), lr=params.lr)
+    return torch.optim.Adam(model.parameters(), lr=params.lr)
+
+
+def _score_precision(embeddings: Tensor) -> Tensor:
+    """float64 stays float64 (reference checks); half precision is widened to float32."""
+    return embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+
+
 class ContrastiveStep(nn.Module):
     """Encode a (local) batch, gather it across ranks, score the global batch, return the triplet loss.
 
     This is the module DDP wraps, so the gather happens inside its forward. Scores and loss run in float32
-    outside autocast: softmax and LogSumExp over half-precision products overflow.
+    (float64 for a float64 model) outside autocast: softmax and LogSumExp over half-precision products
+    overflow.
     """
 
     def __init__(
@@ -160,7 +204,11 @@ class ContrastiveStep(nn.Module):
             caption_lengths = gather_with_grad(caption_lengths, self.context)
         with torch.autocast(device_type=img_emb.device.type, enabled=False):
             scores = self.model.similarity(
-                img_emb.float(), cap_emb.float(), caption_lengths, region_lengths, block_size=img_emb.shape[0]
+                _score_precision(img_emb),
+                _score_precision(cap_emb),
+                caption_lengths,
+                region_lengths,
+                block_size=img_emb.shape[0],
             )
             return hardest_negative_triplet_loss(scores, margin=self.margin, max_violation=self.max_violation)
 
@@ -200,13 +248,154 @@ def _autocast_dtype(params: TrainParams, device: torch.device) -> torch.dtype | 
     return torch.float16
 
 
+def _make_scaler(autocast_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling only for float16 autocast (bf16 and float32 need none; disabled it is a no-op)."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+
+
+def train_step(
+    step_module: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: PairBatch,
+    *,
+    grad_clip: float,
+    autocast_dtype: torch.dtype | None,
+    grads_out: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One optimizer step on a batch already on the device; returns (loss, gradient norm before clipping).
+
+    The one place that defines a step, shared by the epoch loop and `training_steps`. Both values stay
+    tensors so the epoch loop never waits for the GPU. `grads_out`, when given, receives a copy of every
+    unscaled gradient before clipping (for reference checks; the loop passes None and copies nothing).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    amp = (
+        torch.autocast(device_type="cuda", dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else nullcontext()
+    )
+    with amp:
+        loss = step_module(
+            batch.region_features, batch.region_lengths, batch.token_ids, batch.caption_lengths
+        )
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grads_out is not None:
+        grads_out.update(
+            {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), grad_norm
+
+
+def training_steps(
+    model: nn.Module,
+    batches: Iterable[PairBatch],
+    params: TrainParams,
+    *,
+    device: str | torch.device = "cpu",
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
+    keep_grads: bool = False,
+) -> list[StepResult]:
+    """Run explicit batches through the trainer's own step, in a single process.
+
+    Same optimizer factory, loss module, autocast/scaler choice and learning rate (that of `epoch`) as
+    `train`, so a step can be compared with a reference implementation. `model` is moved to `device` and
+    trained in place; pass `optimizer` (built for this model) to continue from earlier steps (a float16
+    GradScaler starts afresh each call). The model's dtype is kept: a `.double()` model with float64 batches
+    runs entirely in float64.
+    """
+    target = resolve_device(device)
+    model.to(target)
+    if optimizer is None:
+        optimizer = make_optimizer(params, model)
+    lr = learning_rate(params, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    autocast_dtype = _autocast_dtype(params, target)
+    scaler = _make_scaler(autocast_dtype)
+    step_module = ContrastiveStep(
+        model,
+        margin=params.margin,
+        max_violation=params.max_violation,
+        context=DistributedContext(device=target),
+    )
+    model.train()
+    results: list[StepResult] = []
+    for batch in batches:
+        grads: dict[str, Tensor] | None = {} if keep_grads else None
+        loss, grad_norm = train_step(
+            step_module,
+            model,
+            optimizer,
+            scaler,
+            batch.to(target),
+            grad_clip=params.grad_clip,
+            autocast_dtype=autocast_dtype,
+            grads_out=grads,
+        )
+        results.append(StepResult(loss=float(loss), grad_norm=float(grad_norm), lr=lr, grads=grads))
+    return results
+
+
+def _init_checkpoint(params: TrainParams) -> CheckpointInfo:
+    """The checkpoint `params.init` names; it must carry the vocabulary its weights index."""
+    path = Path(str(params.init))
+    try:
+        info = read_checkpoint_info(path)
+    except CheckpointError as exc:
+        raise TrainingError(f"train.init: {exc}") from exc
+    if info.vocab_path is None or not info.vocab_path.is_file():
+        raise TrainingError(f"{path}: train.init checkpoint carries no vocabulary (vocab.json)")
+    return info
+
+
+def _init_summary(params: TrainParams, info: CheckpointInfo) -> str:
+    """What a fine-tune takes from its init checkpoint, and which params settings that makes unused."""
+    unused = [f"model {params.model!r}"] if params.model != info.model_name else []
+    unused += [
+        f"{key} {value!r}"
+        for key, value in params.model_options().items()
+        if info.model_config.get(key, value) != value
+    ]
+    return (
+        f"fine-tuning {info.model_name} from {info.path}: its weights, architecture, vocabulary, tokenizer "
+        f"({info.tokenizer}); Adam starts fresh (official checkpoints carry no optimizer state)"
+        + (f"; unused train params: {', '.join(unused)}" if unused else "")
+    )
+
+
+def _run_vocabulary(
+    source: CheckpointInfo | None, vocab_path: Path | None, say: Callable[..., None]
+) -> tuple[Vocabulary | OfficialVocabulary, Path, str]:
+    """The vocabulary the weights index: that of the checkpoint they come from (init or last), else the file.
+
+    Returns (vocabulary, its file, its tokenizer name).
+    """
+    if source is not None and source.vocab_path is not None and source.vocab_path.is_file():
+        given = vocab_path is not None and vocab_path.is_file()
+        if given and vocab_path.read_bytes() != source.vocab_path.read_bytes():
+            say(f"using the vocabulary of {source.path} ({source.tokenizer}), not {vocab_path}")
+        return load_vocabulary(source.vocab_path, source.tokenizer), source.vocab_path, source.tokenizer
+    if vocab_path is None:
+        raise TrainingError("no vocabulary: pass --vocab (or train.init, a checkpoint that carries one)")
+    if not vocab_path.is_file():
+        raise TrainingError(f"{vocab_path}: vocabulary file not found")
+    return Vocabulary.load(vocab_path), vocab_path, SCAN_PIPE_TOKENIZER
+
+
 def train(
     params: TrainParams,
     *,
     features_dir: str | Path,
     train_captions: str | Path,
     val_captions: str | Path,
-    vocab_path: str | Path,
+    vocab_path: str | Path | None,
     out_dir: str | Path,
     resume: bool = False,
     device: str | None = None,
@@ -227,7 +416,7 @@ def train(
             features_dir=Path(features_dir),
             train_captions=Path(train_captions),
             val_captions=Path(val_captions),
-            vocab_path=Path(vocab_path),
+            vocab_path=None if vocab_path is None else Path(vocab_path),
             paths=RunPaths(Path(out_dir)),
             resume=resume,
             progress=progress,
@@ -245,7 +434,7 @@ def _train(
     features_dir: Path,
     train_captions: Path,
     val_captions: Path,
-    vocab_path: Path,
+    vocab_path: Path | None,
     paths: RunPaths,
     resume: bool,
     progress: bool,
@@ -261,7 +450,7 @@ def _train(
         if not is_checkpoint(paths.last):
             raise TrainingError(f"{paths.last}: no checkpoint to resume from (start without --resume)")
         resume_info = read_checkpoint_info(paths.last)
-        if resume_info.model_name != params.model:
+        if params.init is None and resume_info.model_name != params.model:
             raise TrainingError(
                 f"{paths.last}: checkpoint is model variant {resume_info.model_name!r}, "
                 f"params ask for {params.model!r}"
@@ -289,11 +478,11 @@ def _train(
             "or choose another output directory"
         )
     start_epoch = resume_info.epoch if resume_info else 0
+    init_info = _init_checkpoint(params) if params.init is not None and resume_info is None else None
+    model_name = init_info.model_name if init_info is not None else params.model
 
     # ---- inputs (cheap checks first, the feature-table conversion last)
-    if not vocab_path.is_file():
-        raise TrainingError(f"{vocab_path}: vocabulary file not found")
-    vocab = Vocabulary.load(vocab_path)
+    vocab, vocab_path, tokenizer = _run_vocabulary(resume_info or init_info, vocab_path, say)
     train_table = read_captions(train_captions)
     val_table = read_captions(val_captions)
     if context.local_rank == 0:
@@ -331,20 +520,24 @@ def _train(
     loader = pair_loader(dataset, sampler, num_workers=params.num_workers, pin_memory=device.type == "cuda")
 
     # ---- model, optimizer, scaler
-    if resume_info is not None:
-        model, _ = load_checkpoint(paths.last, expect_model=params.model)
+    if resume_info is not None or init_info is not None:
+        source = paths.last if resume_info is not None else Path(str(params.init))
+        model, _ = load_checkpoint(source, expect_model=None if params.init else params.model)
+        model_name = (resume_info or init_info).model_name
         if model.config.vocab_size != len(vocab) or model.config.img_dim != table.feature_dim:
             raise TrainingError(
-                f"{paths.last}: checkpoint has vocab_size {model.config.vocab_size} / img_dim "
+                f"{source}: checkpoint has vocab_size {model.config.vocab_size} / img_dim "
                 f"{model.config.img_dim}, inputs have {len(vocab)} ({vocab_path}) / "
                 f"{table.feature_dim} ({features_dir})"
             )
+        if init_info is not None:
+            say(_init_summary(params, init_info))
     else:
         model = build_seeded_model(params, vocab_size=len(vocab), img_dim=table.feature_dim)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+    optimizer = make_optimizer(params, model)
     autocast_dtype = _autocast_dtype(params, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    scaler = _make_scaler(autocast_dtype)
     if resume_info is not None:
         try:
             load_optimizer_state(optimizer, paths.last)
@@ -375,7 +568,7 @@ def _train(
     if context.is_main:
         paths.out_dir.mkdir(parents=True, exist_ok=True)
         say(
-            f"training {params.model} on {len(dataset):,} pairs, {len(sampler)} steps/epoch of "
+            f"training {model_name} on {len(dataset):,} pairs, {len(sampler)} steps/epoch of "
             f"{params.batch_size}"
             f" on {device}"
             + (f" x {context.world_size} processes" if context.enabled else "")
@@ -425,7 +618,7 @@ def _train(
                 save_checkpoint(
                     paths.last,
                     model,
-                    model_name=params.model,
+                    model_name=model_name,
                     model_config=model.config,
                     epoch=epoch + 1,
                     optimizer=optimizer,
@@ -438,6 +631,7 @@ def _train(
                     },
                     train_params=params,
                     vocab_path=vocab_path,
+                    tokenizer=tokenizer,
                     extra={
                         "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                         "world_size": context.world_size,
@@ -490,25 +684,18 @@ def _run_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
     started = time.perf_counter()
-    amp = (
-        torch.autocast(device_type="cuda", dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
     with epoch_rng(params.seed, epoch, device):
         for batch in loader:
-            batch = batch.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with amp:
-                loss = step_module(
-                    batch.region_features, batch.region_lengths, batch.token_ids, batch.caption_lengths
-                )
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach().double()
+            loss, _ = train_step(
+                step_module,
+                model,
+                optimizer,
+                scaler,
+                batch.to(device, non_blocking=True),
+                grad_clip=params.grad_clip,
+                autocast_dtype=autocast_dtype,
+            )
+            loss_sum += loss.double()
             steps += 1
             if bar is not None and task is not None:
                 info = ""

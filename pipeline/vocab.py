@@ -19,6 +19,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel, WordPiece
@@ -26,10 +27,18 @@ from tokenizers.models import WordLevel, WordPiece
 from pipeline.atomic import atomic_output
 from pipeline.errors import UserError
 
+if TYPE_CHECKING:
+    from pipeline.official_vocab import OfficialVocabulary
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 WORD_PATTERN = r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]+"
+# How a vocabulary splits captions: scan-pipe's own regex words, or the official SCAN code's NLTK tokenizer
+# (for vocabularies imported from official runs, whose ids the model's embeddings are tied to).
+SCAN_PIPE_TOKENIZER = "scan_pipe_words"
+OFFICIAL_TOKENIZER = "official_nltk"
+TOKENIZERS: tuple[str, ...] = (SCAN_PIPE_TOKENIZER, OFFICIAL_TOKENIZER)
 
 
 class VocabularyError(UserError):
@@ -63,6 +72,8 @@ def tokenize_words(caption: str) -> list[str]:
 
 class Vocabulary:
     """Word <-> id mapping with `<start> ... <end>` wrapping, backed by a `tokenizers.Tokenizer`."""
+
+    tokenizer_name = SCAN_PIPE_TOKENIZER
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         vocab = tokenizer.get_vocab()
@@ -131,6 +142,19 @@ class Vocabulary:
             return cls(tokenizer)
         except VocabularyError as exc:
             raise VocabularyError(f"{path}: {exc}") from None
+
+
+def load_vocabulary(
+    path: str | Path, tokenizer: str = SCAN_PIPE_TOKENIZER
+) -> Vocabulary | OfficialVocabulary:
+    """Load a vocabulary of either kind: the tokenizer decides the file format and how captions are split."""
+    if tokenizer == SCAN_PIPE_TOKENIZER:
+        return Vocabulary.load(path)
+    if tokenizer == OFFICIAL_TOKENIZER:
+        from pipeline.official_vocab import OfficialVocabulary  # NLTK and its tables only when asked for
+
+        return OfficialVocabulary.load(path)
+    raise VocabularyError(f"{path}: unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
 def count_words(captions: Iterable[str]) -> Counter[str]:

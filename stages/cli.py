@@ -22,11 +22,13 @@ STAGE_MODULES = (
     "stages.weights",
     "stages.features",
     "stages.import_precomp",
+    "stages.import_official",
     "stages.tokenize",
     "stages.train",
     "stages.evaluate",
     "stages.report",
     "stages.compare",
+    "stages.seeds",
 )
 
 for _name in STAGE_MODULES:

@@ -3,6 +3,9 @@
 Exit codes: 0 when nothing regressed, 1 on a regression (a metric worse beyond its tolerance, a missing
 metric, changed feature statistics or ids), 2 when an input cannot be read or the two inputs do not match.
 The default tolerances and the reasons for them are documented in `pipeline/compare/tolerances.py`.
+
+`--spread RUN...` (or `--dvc-exps FILE`) instead aggregates several seeds of one configuration into mean,
+std, min and max per metric beside the paper (`pipeline/spread.py`): how far apart seeds normally land.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stages._shell import EXIT_ERROR, EXIT_USAGE, user_errors
+from stages._shell import EXIT_ERROR, EXIT_USAGE, fail, user_errors
 
 if TYPE_CHECKING:  # the library is imported inside the command: the CLI must start fast
     from pipeline.compare import ComparisonResult, ComparisonRow
+    from pipeline.spread import SpreadReport
 
 EXIT_REGRESSION = EXIT_ERROR
 
@@ -91,12 +95,89 @@ def render_table(result: ComparisonResult, console: Console) -> None:
         console.print(f"[bold red]REGRESSION[/bold red] in {len(result.regressions)} check(s): {names}")
 
 
+def _spread_cell(value: float, digits: int = 2) -> str:
+    return "—" if value != value else f"{value:.{digits}f}"  # NaN: not available
+
+
+def render_spread(report: SpreadReport, console: Console) -> None:
+    """The readable form of a seed spread: one line per metric, the paper's value (and seed range) beside."""
+    runs = report.runs
+    about = ", ".join(str(v) for v in (runs.variant, runs.dataset, runs.protocol) if v)
+    table = Table(title=f"seed spread over {len(runs)} runs" + (f": {about}" if about else ""))
+    for header in ("metric", "n", "mean ± std", "min", "max", "paper"):
+        table.add_column(header, justify="left" if header == "metric" else "right")
+    for metric, row in report.frame.iterrows():
+        paper = _spread_cell(row["paper"], 1)
+        if row["paper_seed_min"] == row["paper_seed_min"]:
+            seeds = f"seeds {row['paper_seed_min']:.1f}–{row['paper_seed_max']:.1f}"
+            paper = seeds if paper == "—" else f"{paper}; {seeds}"
+        std = "n/a (1 run)" if row["n"] < 2 else _spread_cell(row["std"])
+        table.add_row(
+            str(metric),
+            str(int(row["n"])),
+            f"{_spread_cell(row['mean'])} ± {std}",
+            f"{_spread_cell(row['min'])} ({row['min_run']})",
+            f"{_spread_cell(row['max'])} ({row['max_run']})",
+            paper,
+        )
+    console.print(table)
+    seeds = [
+        f"{name} (seed {runs.seeds[name]})" if runs.seeds.get(name) is not None else name for name in runs
+    ]
+    console.print(f"runs: {', '.join(seeds)}; std is the sample std (ddof=1)", highlight=False)
+    if report.paper is not None:
+        console.print(f"paper: {report.paper.label}. {report.paper.source}", highlight=False)
+        if report.paper.seed_source:
+            console.print(f"paper seed range: {report.paper.seed_source}", highlight=False)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    for name, reason in runs.skipped.items():
+        console.print(f"skipped experiment {name}: {reason}", highlight=False)
+
+
+def _spread_mode(
+    paths: list[Path],
+    dvc_exps: Path | None,
+    metrics_file: str | None,
+    dataset: str | None,
+    allow_differences: bool,
+    as_json: bool,
+    console: Console,
+) -> None:
+    """`--spread`: aggregate evaluate outputs (or a `dvc exp show --json` file) and print the spread."""
+    from pipeline.spread import (
+        EVAL_METRICS_FILE,
+        build_spread,
+        runs_from_dvc_experiments,
+        runs_from_metrics_files,
+    )
+
+    if dvc_exps is not None and paths:
+        fail("give either RUN paths or --dvc-exps FILE, not both", code=EXIT_USAGE)
+    if dvc_exps is None and not paths:
+        fail("--spread needs the runs: evaluate folders / metrics.json files, or --dvc-exps FILE", EXIT_USAGE)
+    with user_errors(EXIT_USAGE):
+        if dvc_exps is not None:
+            runs = runs_from_dvc_experiments(
+                dvc_exps, metrics_file or EVAL_METRICS_FILE, allow_differences=allow_differences
+            )
+        else:
+            runs = runs_from_metrics_files(paths, allow_differences=allow_differences)
+        report = build_spread(runs, dataset=dataset)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_spread(report, console)
+
+
 def compare_command(
-    baseline: Path = typer.Argument(
-        ..., help="Baseline: metrics JSON, a directory with metrics.json, a feature manifest JSON or a store."
-    ),
-    new: Path = typer.Argument(
-        ..., help="New run: same family as BASELINE (with --write-manifest: the output JSON path)."
+    paths: list[Path] | None = typer.Argument(
+        None,
+        metavar="BASELINE NEW | RUNS",
+        help="BASELINE: metrics JSON, a directory with metrics.json, a feature manifest JSON or a store; "
+        "NEW: same family (with --write-manifest: the output JSON path). With --spread: the runs "
+        "(evaluate folders or metrics.json files).",
+        show_default=False,
     ),
     tolerances: Path | None = typer.Option(
         None,
@@ -115,6 +196,25 @@ def compare_command(
         help="Record/enforce exact feature hashes (only for a bit-reproducible extraction path). "
         "Default: as the baseline manifest says; off when writing a manifest.",
     ),
+    spread: bool = typer.Option(
+        False, "--spread", help="Aggregate the runs (seeds of one configuration): mean, std, min, max, paper."
+    ),
+    dvc_exps: Path | None = typer.Option(
+        None, "--dvc-exps", help="Spread of the experiments in FILE, saved from `dvc exp show --json`."
+    ),
+    metrics_file: str | None = typer.Option(
+        None,
+        "--metrics-file",
+        help="With --dvc-exps: the experiments' metrics file (default: the evaluate stage's).",
+    ),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="With --spread: flickr30k or coco, to show the paper's numbers."
+    ),
+    allow_differences: bool = typer.Option(
+        False,
+        "--allow-differences",
+        help="With --spread: aggregate runs that differ in more than the seed (params, protocol, model).",
+    ),
 ) -> None:
     """Compare BASELINE and NEW (metrics, or feature stores/manifests); exit 1 on a regression.
 
@@ -123,13 +223,26 @@ def compare_command(
     Default tolerances: R@K 1, rsum 3, medr 1, meanr 1 (at least one query's worth on small galleries).
 
     Features: rows, schema, id hash, dims, weights exact; statistics within 1e-4 + 2e-3 x |baseline|.
-    """
-    from pipeline.compare import compare_paths, write_store_manifest
 
+    Seed spread (--spread RUN... or --dvc-exps FILE): mean ± std, min and max per metric over the runs.
+    """
     as_json = output_format is OutputFormat.json
     console = Console(stderr=as_json)
     if not console.is_terminal:  # CI logs: rich would wrap the table at 80 columns
         console = Console(stderr=as_json, width=150)
+    paths = paths or []
+    if spread or dvc_exps is not None:
+        if write_manifest or tolerances is not None or deterministic is not None:
+            fail("--spread takes no --tolerances, --write-manifest or --deterministic", code=EXIT_USAGE)
+        _spread_mode(paths, dvc_exps, metrics_file, dataset, allow_differences, as_json, console)
+        return
+    if dataset is not None or allow_differences or metrics_file is not None:
+        fail("--dataset, --allow-differences and --metrics-file go with --spread", code=EXIT_USAGE)
+    if len(paths) != 2:
+        fail(f"expected BASELINE and NEW, got {len(paths)} path(s) (--spread aggregates runs)", EXIT_USAGE)
+    baseline, new = paths
+    from pipeline.compare import compare_paths, write_store_manifest
+
     if write_manifest:
         with user_errors(EXIT_USAGE):
             manifest = write_store_manifest(baseline, new, deterministic=bool(deterministic))

@@ -42,6 +42,11 @@ def report_command(
     ),
     num_examples: int | None = typer.Option(None, "--num-examples", help="Override report.num_examples."),
     top_k: int | None = typer.Option(None, "--top-k", help="Override report.top_k."),
+    spread_evals: list[Path] | None = typer.Option(
+        None,
+        "--spread-eval",
+        help="Evaluate output of one seed of this configuration (repeatable): adds a Seed spread section.",
+    ),
     set_values: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Write the run report (Markdown + self-contained HTML) with recall tables, plots and examples."""
@@ -63,6 +68,7 @@ def report_command(
         splits=splits,
         params=params,
         objects_vocab=objects_vocab,
+        spread_evals=tuple(spread_evals or ()),
     )
     with user_errors():
         outputs = write_report(

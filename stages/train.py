@@ -23,13 +23,21 @@ def train_command(
     val_captions: Path = typer.Option(
         ..., "--val-captions", help="captions.parquet of the validation split."
     ),
-    vocab: Path = typer.Option(..., "--vocab", help="Vocabulary JSON (from `scan-pipe tokenize`)."),
+    vocab: Path | None = typer.Option(
+        None, "--vocab", help="Vocabulary JSON (from `scan-pipe tokenize`); with --init: the checkpoint's."
+    ),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints/{last,best}/, metrics.jsonl."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its last checkpoint."
     ),
     params: Path | None = typer.Option(None, "--params", help="params.yaml; section `train` is used."),
     model: str | None = typer.Option(None, "--model", help="Override train.model (e.g. scan_i2t_lse)."),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        help="Override train.init: fine-tune this checkpoint directory (e.g. from import-official); its "
+        "architecture, vocabulary and tokenizer are used and Adam starts fresh.",
+    ),
     epochs: int | None = typer.Option(None, "--epochs", help="Override train.epochs."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override train.batch_size (global)."),
     lr: float | None = typer.Option(None, "--lr", help="Override train.lr."),
@@ -55,13 +63,14 @@ def train_command(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Train a SCAN model; a checkpoint after every epoch, the best validation rsum kept."""
+    """Train a model (or fine-tune one with --init); a checkpoint after every epoch, the best rsum kept."""
     settings = stage_section(
         params,
         "train",
         TrainParams,
         options={
             "model": model,
+            "init": None if init is None else str(init),
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
@@ -82,8 +91,12 @@ def train_command(
         ("--val-captions", val_captions, "file"),
         ("--vocab", vocab, "file"),
     ):
+        if path is None:
+            continue
         if not (path.is_dir() if kind == "dir" else path.is_file()):
             fail(f"{path}: {label} {'directory' if kind == 'dir' else 'file'} not found")
+    if vocab is None and settings.init is None:
+        fail("--vocab is required unless train.init (--init) names a checkpoint (it carries its vocabulary)")
     from pipeline.train import train
 
     console = Console()

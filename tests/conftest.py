@@ -14,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("SCAN_PIPE_SHARED", REPO_ROOT.parent / "shared"))
 SCAN_FIXTURES = SHARED_DIR / "fixtures" / "scan"
 BUA_FIXTURES = SHARED_DIR / "fixtures" / "bua"
+SCAN_OFFICIAL_FIXTURES = SHARED_DIR / "fixtures" / "scan_official"
 
 
 def _require(folder: Path) -> Path:
@@ -35,6 +36,12 @@ def scan_fixtures() -> Path:
 def bua_fixtures() -> Path:
     """Folder of the bottom-up-attention detector fixtures (skips the test when it is absent)."""
     return _require(BUA_FIXTURES)
+
+
+@pytest.fixture(scope="session")
+def scan_official_fixtures() -> Path:
+    """Folder of the official-SCAN import fixtures: checkpoints, vocabulary, precomp data, expected values."""
+    return _require(SCAN_OFFICIAL_FIXTURES)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from pipeline.report.chance import DIRECTIONS, RECALL_KS, chance_curve, recall_c
 from pipeline.report.document import Block, Figure, Page, Section, render_page
 from pipeline.report.examples import BOXES_DRAWN, choose_examples, draw_retrieval_example
 from pipeline.report.inputs import ReportInputs, ReportSources, load_inputs
-from pipeline.report.plots import plot_recall_at_k, plot_training_curves
+from pipeline.report.plots import plot_recall_at_k, plot_seed_spread, plot_training_curves
 from pipeline.report.published import load_published_results
 from pipeline.report.sections import (
     UNTRAINED_WARNING,
@@ -31,7 +31,11 @@ from pipeline.report.sections import (
     parameters_section,
     published_section,
     recall_section,
+    seed_spread_section,
 )
+
+if TYPE_CHECKING:
+    from pipeline.spread import RunSet
 
 RECALL_CURVE_MAX_K = 100
 
@@ -124,6 +128,26 @@ def _examples_section(inputs: ReportInputs, out: Path) -> Section:
     return Section(title, blocks)
 
 
+def _seed_spread_section(
+    inputs: ReportInputs, runs: RunSet, out: Path, published: Mapping[str, Any]
+) -> Section:
+    """The seeds' spread table and a strip plot of their runs with the paper's value marked."""
+    from pipeline.spread import build_spread, runs_frame
+
+    spread = build_spread(runs, dataset=inputs.dataset, published=published)
+    paper = spread.paper
+    plot_seed_spread(
+        runs_frame(runs, list(spread.frame.index)),
+        paper.values if paper else {},
+        paper.seed_ranges if paper else {},
+        out / "seed_spread.png",
+    )
+    section = seed_spread_section(inputs, spread)
+    caption = "Each metric over the seeds (points; box from 3 runs), the paper's value as a black bar"
+    figure = Figure("seed_spread.png", caption + (", its published seed range shaded" if paper else ""))
+    return Section(section.title, [*section.blocks, figure])
+
+
 def build_report(
     inputs: ReportInputs,
     out_dir: str | Path,
@@ -134,12 +158,14 @@ def build_report(
     """Write the report of `inputs` into `out_dir` through the templates (`template_dir`'s own first)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    published = published if published is not None else load_published_results()
     recall = recall_section(inputs)
     sections = [
         configuration_section(inputs),
         dataset_section(inputs),
         Section(recall.title, [*recall.blocks, _recall_curve_figure(inputs, out)]),
-        published_section(inputs, published if published is not None else load_published_results()),
+        published_section(inputs, published),
+        *([_seed_spread_section(inputs, inputs.spread_runs, out, published)] if inputs.spread_runs else []),
         _training_section(inputs, out),
         _examples_section(inputs, out),
         parameters_section(inputs),

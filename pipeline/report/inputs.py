@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from pipeline.params import Params, PrepareParams, ReportParams, load_params
 from pipeline.report.chance import DIRECTIONS, RECALL_KS
 from pipeline.store import FeatureStore
 from pipeline.training_log import EpochRecord, read_training_log
+
+if TYPE_CHECKING:
+    from pipeline.spread import RunSet
 
 SPLIT_NAMES = ("train", "val", "test")
 DATASETS: tuple[str, ...] = get_args(PrepareParams.model_fields["dataset"].annotation)
@@ -43,6 +46,7 @@ class ReportSources:
     splits: Path | None = None  # {train,val,test}/captions.parquet, for the dataset sizes
     params: Path | None = None  # params.yaml (schema defaults without it)
     objects_vocab: Path | None = None  # objects_vocab.txt for box labels (default: the store metadata's)
+    spread_evals: Sequence[Path] = ()  # evaluate outputs of other seeds of this configuration
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class ReportInputs:
     ranks: Mapping[str, QueryRanks] | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # label -> path, listed in the report
     object_vocabulary: Sequence[str] | None = None  # a user's objects_vocab.txt lines, else the store's
+    spread_runs: RunSet | None = None  # the seeds' metrics, for the seed-spread section
 
     @property
     def object_names(self) -> list[str] | None:
@@ -177,6 +182,11 @@ def load_inputs(
         checkpoint = read_json_file(checkpoint_json) if checkpoint_json.is_file() else {}
     if sources.params is not None:
         sources_shown["params"] = sources.params
+    spread_runs = None
+    if sources.spread_evals:  # imported only when asked for: it loads the metrics module (torch)
+        from pipeline.spread import runs_from_metrics_files
+
+        spread_runs = runs_from_metrics_files(sources.spread_evals)
     return ReportInputs(
         metrics=metrics,
         dataset=chosen_dataset,
@@ -194,4 +204,5 @@ def load_inputs(
         object_vocabulary=(
             read_label_vocabulary(sources.objects_vocab) if sources.objects_vocab is not None else None
         ),
+        spread_runs=spread_runs,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,7 +12,16 @@ from pipeline.atomic import atomic_output
 from pipeline.report.chance import DIRECTIONS, RECALL_KS
 from pipeline.training_log import EpochRecord
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 DIRECTION_COLOURS = {"i2t": "tab:blue", "t2i": "tab:orange"}
+# The seed-spread figure's panels: metrics on one scale share a panel.
+SPREAD_PANELS = (
+    ("R@K (%)", ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")),
+    ("rsum", ("rsum",)),
+    ("rank (from 1)", ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")),
+)
 
 
 def _pyplot() -> Any:
@@ -91,5 +100,54 @@ def plot_recall_at_k(
     axis.grid(alpha=0.3, which="both")
     axis.legend(loc="lower right")
     figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_seed_spread(
+    values: pd.DataFrame,
+    paper: Mapping[str, float],
+    seed_ranges: Mapping[str, tuple[float, float]],
+    path: Path,
+) -> None:
+    """Each metric's runs as points (a box from 3 runs), the paper's value as a black bar, its seed range
+    shaded: whether this spread is normal, and how far from the paper it sits (PNG).
+
+    `values`: a runs x metrics DataFrame (`pipeline.spread.runs_frame`).
+    """
+    plt = _pyplot()
+    panels = [(title, [m for m in metrics if m in values.columns]) for title, metrics in SPREAD_PANELS]
+    panels = [(title, metrics) for title, metrics in panels if metrics]
+    widths = [len(metrics) + 0.6 for _, metrics in panels]
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(max(7.0, 0.8 * sum(widths) + 1.5), 4.2), width_ratios=widths, squeeze=False
+    )
+    jitter = np.random.default_rng(0)  # fixed: the same runs give the same picture
+    for axis, (title, metrics) in zip(axes[0], panels, strict=True):
+        for x, metric in enumerate(metrics):
+            colour = DIRECTION_COLOURS.get(metric.split("_")[0], "tab:green")
+            runs = values[metric].to_numpy(dtype=float)
+            if len(runs) >= 3:
+                axis.boxplot(runs, positions=[x], widths=0.5, showfliers=False, medianprops={"color": colour})
+            offsets = jitter.uniform(-0.12, 0.12, len(runs))
+            axis.scatter(x + offsets, runs, color=colour, s=24, alpha=0.85, zorder=3, label="runs")
+            if metric in seed_ranges:
+                low, high = seed_ranges[metric]
+                axis.fill_between(
+                    [x - 0.32, x + 0.32], low, high, color="0.55", alpha=0.35, label="published seed range"
+                )
+            if metric in paper:
+                axis.hlines(paper[metric], x - 0.32, x + 0.32, colors="black", linewidth=2.2, label="paper")
+        axis.set_xticks(range(len(metrics)))
+        axis.set_xticklabels(metrics, rotation=30, ha="right")
+        axis.set_xlim(-0.6, len(metrics) - 0.4)
+        axis.set_title(title)
+        axis.grid(alpha=0.3, axis="y")
+    legend: dict[str, Any] = {}
+    for axis in axes[0]:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    figure.legend(legend.values(), legend.keys(), loc="upper center", ncol=len(legend), frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.92))
     _save(figure, path)
     plt.close(figure)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -16,6 +16,9 @@ from pipeline.report.chance import DIRECTIONS, RECALL_KS, chance_metrics
 from pipeline.report.document import Block, Section, Table
 from pipeline.report.inputs import ReportError, ReportInputs
 from pipeline.report.published import PAPER_DATASETS, PROTOCOL_TITLES, published_rows
+
+if TYPE_CHECKING:
+    from pipeline.spread import SpreadReport
 
 DIRECTION_TITLES = {"i2t": "image → text (sentence retrieval)", "t2i": "text → image (image retrieval)"}
 METRIC_COLUMNS = ("r1", "r5", "r10", "medr", "meanr")
@@ -245,6 +248,41 @@ def published_section(inputs: ReportInputs, published: Mapping[str, Any]) -> Sec
         caption = f"{PROTOCOL_TITLES.get(protocol, protocol)}: this run beside the papers"
         blocks.append(_recall_table(rows, caption, bold))
     return Section(title, blocks)
+
+
+def seed_spread_section(inputs: ReportInputs, spread: SpreadReport) -> Section:
+    """Mean ± std, min and max per metric over the seeds given, beside this run and the paper."""
+    rows = []
+    for metric, row in spread.frame.iterrows():
+        seeds = ""
+        if not math.isnan(row["paper_seed_min"]):
+            seeds = f"{fmt(row['paper_seed_min'])}–{fmt(row['paper_seed_max'])}"
+        std = "—" if row["n"] < 2 else fmt(row["std"], 2)
+        rows.append(
+            [
+                str(metric),
+                str(int(row["n"])),
+                f"{fmt(row['mean'], 2)} ± {std}",
+                f"{fmt(row['min'], 2)} ({row['min_run']})",
+                f"{fmt(row['max'], 2)} ({row['max_run']})",
+                fmt(inputs.metrics.get(str(metric)), 2),
+                fmt(row["paper"]) if not math.isnan(row["paper"]) else "—",
+                seeds or "—",
+            ]
+        )
+    headers = ["metric", "n", "mean ± std", "min (run)", "max (run)", "this run", "paper", "paper seeds"]
+    blocks: list[Block] = [
+        f"{len(spread.runs)} runs given as seeds of this configuration ({', '.join(spread.runs)}): "
+        "differences of this size between two runs that differ only in the training seed are normal, "
+        "not a bug. std is the sample standard deviation (n - 1).",
+        Table(pd.DataFrame(rows, columns=headers), "Seed spread per metric"),
+    ]
+    if spread.paper is not None:
+        blocks.append(f"Paper: {spread.paper.label}. {spread.paper.source}".strip())
+        if spread.paper.seed_source:
+            blocks.append(f"Paper seed range: {spread.paper.seed_source}")
+    blocks += [f"Note: {note}." for note in spread.notes]
+    return Section("Seed spread", blocks)
 
 
 def parameters_section(inputs: ReportInputs) -> Section:
