@@ -2,13 +2,14 @@
 
 Kept free of torch so that the params schema and the model registry can validate without loading it.
 `l1norm` and `clipped_l1norm` are our extension (the official code crashes on them).
+`MMCAConfig` holds the six options of reference/mmca.md §0 with the paper's settings as defaults.
 """
 
 from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Direction = Literal["t2i", "i2t"]
 RawFeatureNorm = Literal[
@@ -43,3 +44,36 @@ class ScanConfig(BaseModel):
     agg: Aggregation = "Mean"
     lambda_softmax: float = Field(9.0, gt=0)
     lambda_lse: float = Field(6.0, gt=0)
+
+
+class MMCAConfig(BaseModel):
+    """Everything that defines an MMCA model (reference/mmca.md §0); the defaults are the paper's settings.
+
+    BERT is not part of the model (mmca.md §2.3): `bert_dim` is only the width of its cached outputs.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    img_dim: int = Field(2048, ge=1)
+    bert_dim: int = Field(768, ge=1)
+    embed_size: int = Field(256, ge=1)
+    num_heads: int = Field(16, ge=1)
+    cnn_filters: int = Field(256, ge=1)
+    alpha: float = Field(0.2, ge=0, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object, info: ValidationInfo) -> object:
+        """pydantic would read True as 1: a boolean given for a size or for alpha is a mistake."""
+        if isinstance(value, bool):
+            raise ValueError(f"{info.field_name} must be a number, got the boolean {value}")
+        return value
+
+    @field_validator("num_heads")
+    @classmethod
+    def _heads_split_embedding(cls, num_heads: int, info: ValidationInfo) -> int:
+        """Every head takes an equal slice of width embed_size / num_heads (mmca.md §2.1, A10)."""
+        embed_size = info.data.get("embed_size")
+        if embed_size is not None and embed_size % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide embed_size={embed_size}")
+        return num_heads
