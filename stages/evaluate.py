@@ -21,6 +21,9 @@ def metrics_table(metrics: dict[str, Any], keys: list[str], title: str) -> Table
         columns.append(("coco_1k", nested))
     for source in (metrics, nested or {}):
         columns.extend((f"fold {index}", fold) for index, fold in enumerate(source.get("folds", [])))
+    two_stage = metrics.get("two_stage")
+    if isinstance(two_stage, dict):
+        columns.append((f"two-stage k={two_stage['k']}", two_stage["metrics"]))
     table = Table(title=title)
     table.add_column("metric")
     for label, _ in columns:
@@ -50,6 +53,14 @@ def evaluate_command(
     vocab: Path | None = typer.Option(
         None, "--vocab", help="Vocabulary JSON (default: the checkpoint's own)."
     ),
+    text_features: Path | None = typer.Option(
+        None,
+        "--text-features",
+        help="BERT-input models (MMCA): the cached BERT outputs `scan-pipe tokenize` wrote (DIR/<split>).",
+    ),
+    rerank_k: int | None = typer.Option(
+        None, "--rerank-k", help="MMCA: also two-stage evaluation with shortlists of k (evaluate.rerank_k)."
+    ),
     save_scores: bool | None = typer.Option(
         None, "--save-scores/--no-save-scores", help="Also write the score matrix as scores.npy."
     ),
@@ -74,6 +85,7 @@ def evaluate_command(
             "block_size": block_size,
             "batch_size": batch_size,
             "device": device,
+            "rerank_k": rerank_k,
         },
         assignments=set_values or (),
     )
@@ -99,6 +111,8 @@ def evaluate_command(
             features,
             captions,
             vocab_path=vocab,
+            text_features=text_features,
+            rerank_k=settings.rerank_k,
             protocol=settings.protocol,
             block_size=settings.block_size,
             batch_size=settings.batch_size,
@@ -113,6 +127,15 @@ def evaluate_command(
     members = " + ".join(run.metrics["models"])
     title = f"{members} on {captions} ({run.layout.num_images} images)"
     console.print(metrics_table(run.metrics, list(METRIC_KEYS), title))
+    if run.metrics.get("two_stage_skipped"):
+        console.print(run.metrics["two_stage_skipped"])
+    two_stage = run.metrics.get("two_stage")
+    if two_stage:
+        k, seconds, exact = two_stage["k"], two_stage["time_s"], two_stage["exact_time_s"]
+        console.print(
+            f"two-stage (k={k}): {seconds:.1f} s for {two_stage['pairs_scored']:,} of "
+            f"{two_stage['pairs_total']:,} pairs; exact: {exact:.1f} s. {two_stage['note']}"
+        )
     console.print(f"wrote {', '.join(path.name for path in written)} to {out}")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from pipeline.models.registry import model_text_input
 from pipeline.params import TrainParams
 from stages._shell import SET_HELP, fail, stage_section, user_errors
 
@@ -27,6 +28,11 @@ def train_command(
         None, "--vocab", help="Vocabulary JSON (from `scan-pipe tokenize`); with --init: the checkpoint's."
     ),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints/{last,best}/, metrics.jsonl."),
+    text_features: Path | None = typer.Option(
+        None,
+        "--text-features",
+        help="BERT-input models (MMCA): the cached BERT outputs `scan-pipe tokenize` wrote (DIR/<split>).",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from its last checkpoint."
     ),
@@ -95,7 +101,8 @@ def train_command(
             continue
         if not (path.is_dir() if kind == "dir" else path.is_file()):
             fail(f"{path}: {label} {'directory' if kind == 'dir' else 'file'} not found")
-    if vocab is None and settings.init is None:
+    needs_vocab = model_text_input(settings.model) == "words" and settings.init is None
+    if vocab is None and needs_vocab:
         fail("--vocab is required unless train.init (--init) names a checkpoint (it carries its vocabulary)")
     from pipeline.train import train
 
@@ -108,6 +115,7 @@ def train_command(
             val_captions=val_captions,
             vocab_path=vocab,
             out_dir=out,
+            text_features=text_features,
             resume=resume,
             progress=progress,
             cache_dir=cache_dir,

@@ -8,7 +8,17 @@ import sys
 
 from tests.conftest import REPO_ROOT
 
-HEAVY = ("torch", "torchvision", "cv2", "pyarrow", "matplotlib", "pandas", "tokenizers", "extractors.bua")
+HEAVY = (
+    "torch",
+    "torchvision",
+    "cv2",
+    "pyarrow",
+    "matplotlib",
+    "pandas",
+    "tokenizers",
+    "transformers",
+    "extractors.bua",
+)
 
 
 def test_building_the_cli_imports_no_heavy_library() -> None:

@@ -163,7 +163,7 @@ def _official_batches(ref: Reference, dtype: torch.dtype) -> list[PairBatch]:
             PairBatch(
                 region_features=regions,
                 region_lengths=torch.full((len(ids),), regions.shape[1], dtype=torch.int64),
-                token_ids=torch.tensor(step["targets"], dtype=torch.int64),
+                caption_inputs=torch.tensor(step["targets"], dtype=torch.int64),
                 caption_lengths=torch.tensor(step["lengths"], dtype=torch.int64),
                 indices=torch.tensor(ids, dtype=torch.int64),
             )

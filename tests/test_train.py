@@ -212,5 +212,5 @@ def test_pairs_are_read_padded_and_cast(tiny_data: SyntheticDataset) -> None:
         assert torch.equal(batch.region_features[slot, : region_counts[slot]], torch.from_numpy(stored))
         assert not batch.region_features[slot, region_counts[slot] :].any()
         length = int(batch.caption_lengths[slot])
-        assert batch.token_ids[slot, :length].tolist() == vocab.encode(captions.captions[index])
-        assert not batch.token_ids[slot, length:].any()
+        assert batch.caption_inputs[slot, :length].tolist() == vocab.encode(captions.captions[index])
+        assert not batch.caption_inputs[slot, length:].any()

@@ -7,11 +7,12 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
-from pipeline.models.config import ScanConfig
+from pipeline.models.config import MMCAConfig, ScanConfig
+from pipeline.models.mmca import MMCA
 from pipeline.models.registry import model_config
 from pipeline.models.scan import SCAN
 
-_MODEL_CLASSES: dict[type[BaseModel], type[nn.Module]] = {ScanConfig: SCAN}
+_MODEL_CLASSES: dict[type[BaseModel], type[nn.Module]] = {ScanConfig: SCAN, MMCAConfig: MMCA}
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.models.config import ScanConfig
+from pipeline.models.config import MMCAConfig, ScanConfig
+
+TextInput = Literal["words", "bert"]
 
 
 @dataclass(frozen=True)
@@ -24,21 +26,56 @@ class ModelEntry:
     name: str
     config_class: type[BaseModel]
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    text_input: TextInput = "words"  # "words": token ids of a word vocabulary; "bert": cached BERT outputs
+    family: str = "scan"  # variants of one family share their options (params.yaml `train.per_model`)
+    training: Mapping[str, Any] = field(default_factory=dict)  # the paper's schedule for this variant
 
 
 _ENTRIES: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, config_class: type[BaseModel], defaults: Mapping[str, Any] | None = None
+    name: str,
+    config_class: type[BaseModel],
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    text_input: TextInput = "words",
+    family: str = "scan",
+    training: Mapping[str, Any] | None = None,
 ) -> None:
-    """Add `name`; its `defaults` override the config class's own defaults."""
+    """Add `name`; its `defaults` override the config class's own defaults, `training` the trainer's."""
     if name in _ENTRIES:
         raise ValueError(f"model {name!r} is already registered")
     unknown = sorted(set(defaults or {}) - set(config_class.model_fields))
     if unknown:
         raise ValueError(f"model {name!r}: {config_class.__name__} has no option(s) {', '.join(unknown)}")
-    _ENTRIES[name] = ModelEntry(name, config_class, dict(defaults or {}))
+    _ENTRIES[name] = ModelEntry(
+        name, config_class, dict(defaults or {}), text_input, family, dict(training or {})
+    )
+
+
+def model_text_input(name: str) -> TextInput:
+    """What the text side of `name` consumes: word token ids, or cached BERT outputs (WordPiece)."""
+    return model_entry(name).text_input
+
+
+def model_family(name: str) -> str:
+    """The family of `name` (`scan`, `mmca`): variants of a family share their options."""
+    return model_entry(name).family
+
+
+def family_models(family: str) -> list[str]:
+    """The registered names of a family; an unknown family is an error listing the known ones."""
+    names = [name for name in list_models() if _ENTRIES[name].family == family]
+    if not names:
+        families = sorted({entry.family for entry in _ENTRIES.values()})
+        raise ValueError(f"unknown model family {family!r}; available: {', '.join(families)}")
+    return names
+
+
+def model_training_defaults(name: str) -> dict[str, Any]:
+    """The paper's training schedule for `name` (epochs, lr, ...), where it differs from the trainer's."""
+    return dict(model_entry(name).training)
 
 
 def list_models() -> list[str]:
@@ -88,3 +125,12 @@ for _name, _settings in {
     "scan_i2t_avg": {"direction": "i2t", "agg": "Mean", "lambda_softmax": 4.0},
 }.items():
     register_model(_name, ScanConfig, _settings)
+
+# MMCA (Wei et al. 2020), mmca.md §6.1: the config's defaults are the paper's, and so is its schedule.
+register_model(
+    "mmca",
+    MMCAConfig,
+    text_input="bert",
+    family="mmca",
+    training={"epochs": 20, "lr": 2e-4, "lr_update": 10, "batch_size": 64},
+)
