@@ -191,7 +191,7 @@ def child(args: argparse.Namespace) -> None:
             if batches % step_every == 0 and steps < args.steps:
                 optimizer.zero_grad(set_to_none=True)
                 scores = model(
-                    batch.region_features, batch.region_lengths, batch.token_ids, batch.caption_lengths
+                    batch.region_features, batch.region_lengths, batch.caption_inputs, batch.caption_lengths
                 )
                 hardest_negative_triplet_loss(scores, margin=0.2, max_violation=True).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
