@@ -438,8 +438,9 @@ def two_stage_evaluation(
     """MMCA's re-ranking (mmca.md 5.3): shortlist k by S0 = i0.c0, the full S on the shortlisted pairs.
 
     Returns the recall of the two-stage system (i2t from the rows of its i2t matrix, t2i from the columns
-    of its t2i matrix), its time and the pairs it scored. medr/meanr are kept but are not comparable with
-    exact evaluation (a query whose match was not shortlisted ranks at k).
+    of its t2i matrix; R@K with K > k, and then rsum, left out), its time and the pairs it scored.
+    medr/meanr are kept but are not comparable with exact evaluation (a query whose match was not
+    shortlisted ranks at k).
     """
     was_training = model.training
     model.eval()
@@ -459,7 +460,12 @@ def two_stage_evaluation(
     t2i_metrics = retrieval_metrics(t2i.float().cpu(), per_image)
     metrics = {key: value for key, value in i2t_metrics.items() if key.startswith("i2t_")}
     metrics.update({key: value for key, value in t2i_metrics.items() if key.startswith("t2i_")})
-    metrics["rsum"] = sum(metrics[f"{side}_r{n}"] for side in ("i2t", "t2i") for n in (1, 5, 10))
+    for side in ("i2t", "t2i"):  # a match outside the shortlist ranks at k: R@K with K > k means nothing
+        for n in (5, 10):
+            if n > k:
+                del metrics[f"{side}_r{n}"]
+    if all(f"{side}_r{n}" in metrics for side in ("i2t", "t2i") for n in (1, 5, 10)):
+        metrics["rsum"] = sum(metrics[f"{side}_r{n}"] for side in ("i2t", "t2i") for n in (1, 5, 10))
     scored = int((torch.isfinite(i2t) | torch.isfinite(t2i)).sum())
     return {
         "k": k,

@@ -29,7 +29,7 @@ def metrics_table(metrics: dict[str, Any], keys: list[str], title: str) -> Table
     for label, _ in columns:
         table.add_column(label, justify="right")
     for key in keys:
-        table.add_row(key, *(f"{float(values[key]):.2f}" for _, values in columns))
+        table.add_row(key, *(f"{float(values[key]):.2f}" if key in values else "—" for _, values in columns))
     return table
 
 

@@ -134,6 +134,8 @@ def test_two_stage_beside_exact(trained: Path, mmca_data: tuple[SyntheticDataset
     n_images, n_captions = short.scores.shape
     assert stage["pairs_scored"] <= 2 * (n_images + n_captions) < stage["pairs_total"]
     assert stage["time_s"] > 0 and stage["exact_time_s"] > 0
+    assert "i2t_r5" not in stage["metrics"] and "rsum" not in stage["metrics"]  # K > k: not reported
+    assert "i2t_r1" in stage["metrics"] and "t2i_r1" in stage["metrics"]
     # exact numbers are untouched by the re-ranking run beside them
     assert short.metrics["rsum"] == pytest.approx(everything.metrics["rsum"], abs=1e-9)
 

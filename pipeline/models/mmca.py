@@ -6,20 +6,26 @@ Design note: which part implements which section of mmca.md.
   the paper's defaults; `num_heads` must divide `embed_size`.
 * `TransformerUnit` (§2.1): bias-free fused Q/K/V and W_O, one softmax per head scaled by sqrt(d_k), post-LN
   (eps 1e-5), FFN of width d. Split into `attend` and `finish` so that the cross unit can start from Q/K/V
-  computed once per item (§5.1). Attention is torch's fused `scaled_dot_product_attention` with a boolean
-  key mask; when intermediates are recorded, the same softmax is spelled out.
+  computed once per item (§5.1). The self unit's attention is torch's fused `scaled_dot_product_attention`
+  with a boolean key mask; when intermediates are recorded, the same softmax is spelled out. For the cross
+  unit, `own_keys` computes once per item each query's softmax part over its own item's keys (peak, sum,
+  weighted values: the §5.1 intra-modality block) and `attend_across` adds a pair's cross-modal keys by the
+  log-sum-exp rescaling of online softmax: exact up to rounding.
 * `CNNHead` (§2.3, §2.4): windows 1, 2, 3 with right zero padding, so every window has the caption's n
   positions; ReLU, max over those n positions, FC, l2 with the epsilon added to the norm (A1, A13, A25).
-  All taps of all windows are one GEMM `(rows, D_in) @ (D_in, 6F)`; the windows are sums of shifted taps.
+  All taps of all windows are one GEMM `(rows, D_in) @ (D_in, 6F)`; the windows are sums of shifted taps,
+  built in place; the max over positions comes before the bias and the ReLU (equal, rounding is monotonic).
 * `MMCA.encode_images` (§2.2) and `MMCA.encode_captions` (§2.3) compute everything that is per item once:
-  i0 or c0, the cross-module inputs R or E_d, and the cross unit's Q/K/V of those rows (§5.1).
-* `MMCA.cross_embeddings` (§2.4) runs the cross unit and the heads on a batch of pairs: the rows of
-  `[R_i; E_d,c]` of all pairs go through W_O, the FFN and the cross CNN as large GEMMs; each pair's keys are
-  its own valid regions and words (padded keys get a -inf logit, §2.7).
+  i0 or c0, the cross-module inputs R or E_d, the cross unit's Q/K/V of those rows split into heads, and
+  the own-key softmax parts (§5.1).
+* `MMCA.cross_embeddings` (§2.4) runs the cross unit and the heads on a batch of pairs: per pair only the
+  cross-modal logits (regions x words, words x regions) and their merge; then the region rows and the word
+  rows of all pairs go through W_O, the FFN and the cross CNN as large GEMMs. Each pair's keys are its own
+  valid regions and words (padded keys get a -inf logit, §2.7). No Python loop over pairs.
 * `MMCA.similarity` / `score_matrix` (§2.5, §5.1): S = i0.c0 + alpha * i1.c1 over blocks of images x captions,
-  memory bounded by the block size, an optional progress callback. `forward` is the in-batch (B, B)
-  matrix for the loss of §2.6 (`pipeline.models.losses.hardest_negative_triplet_loss`, full S for all B^2
-  pairs, A22).
+  items sorted by length so that trimming a block to its longest item leaves little padding, memory bounded
+  by the block size, an optional progress callback. `forward` is the in-batch (B, B) matrix for the loss
+  of §2.6 (`pipeline.models.losses.hardest_negative_triplet_loss`, full S for all B^2 pairs, A22).
 * `MMCA.two_stage_scores` (§5.3): shortlists by S0 with ties to the lower index, full S on the union of the
   shortlisted pairs (each pair once), -inf elsewhere.
 * `MMCA.intermediates`: the tensors of the fixtures' `intermediates.npz`, for debugging a mismatch.
@@ -28,7 +34,8 @@ Design note: which part implements which section of mmca.md.
 
 Padding (§2.7): padded rows may hold anything, NaN and inf included. They are overwritten with zeros
 (`masked_fill`, out of place: the caller's tensors are never changed) before any product, masked with -inf
-before every softmax and with 0 before every sum and max; a block is trimmed to its own longest item.
+before every softmax and max and with 0 before every sum; a block is trimmed to its own longest item, and
+a block without padding skips the masks.
 float16/bfloat16 keep the softmax, the LayerNorm statistics, the norms and the pooled sums in float32.
 
 Choices of mmca.md we doubt (implemented as specified anyway):
@@ -63,6 +70,7 @@ __all__ = [
     "MMCACaptions",
     "MMCAConfig",
     "MMCAImages",
+    "OwnKeys",
     "TransformerUnit",
     "load_reference_weights",
     "reference_weight_shapes",
@@ -71,10 +79,12 @@ __all__ = [
 
 BlockSize = int | tuple[int, int]
 
-# Images x captions per block. At the paper's sizes (36 regions, ~20 tokens) one pair holds ~0.2 M floats of
-# activations, so a CPU block of 256 pairs stays near 200 MB (float32) and a GPU block of 4096 pairs ~4 GB.
-DEFAULT_CPU_BLOCK: tuple[int, int] = (8, 32)
-DEFAULT_GPU_BLOCK: tuple[int, int] = (32, 128)
+# Images x captions per block. At the paper's sizes (36 regions, ~20 tokens) one pair holds ~0.15 M floats
+# of activations under no_grad. CPU: 64 pairs (~40 MB, float32) keep them in the caches; on a 2-vCPU EPYC,
+# 256 pairs were 1.25x and 1024 pairs 1.9x slower per pair (benchmarks/mmca_eval.py). GPU: 8192 pairs
+# (~5 GB) amortise the ~60 kernel launches of a block (an estimate: not measured on a GPU yet).
+DEFAULT_CPU_BLOCK: tuple[int, int] = (4, 16)
+DEFAULT_GPU_BLOCK: tuple[int, int] = (32, 256)
 _ENCODE_CHUNK = 256  # items per chunk of the per-item encoders: bounds the (chunk, h, K, K) attention
 LAYER_NORM_EPS = 1e-5  # mmca.md §1, A12: torch's default; 1e-6 fails the float64 fixtures
 CNN_WINDOWS: tuple[int, ...] = (1, 2, 3)
@@ -95,9 +105,7 @@ class OwnKeys:
 
     def take(self, index: Tensor, rows: int) -> OwnKeys:
         """The items `index`, trimmed to their first `rows` query rows."""
-        return OwnKeys(
-            self.peak[index, :, :rows], self.total[index, :, :rows], self.weighted[index, :, :rows]
-        )
+        return OwnKeys(*(getattr(self, name)[:, :, :rows].index_select(0, index) for name in _OWN_FIELDS))
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -476,16 +484,19 @@ class MMCA(nn.Module):
         # computed once per item (§5.1) and is merged here. The region rows and the word rows then go
         # through W_O, the FFN and the LayerNorms as two large GEMM batches (the unit is row-wise there).
         unit = self.cross
-        region = images.cross_heads[:, image_index, :, :n_regions]  # (3, P, h, K, d_k): Q, K, V
-        word = captions.cross_heads[:, caption_index, :, :n_words]
+        # index_select, not advanced indexing: the same contiguous copies, ~9x faster on a CPU
+        region = images.cross_heads[..., :n_regions, :].index_select(1, image_index)  # (3, P, h, K, d_k)
+        word = captions.cross_heads[..., :n_words, :].index_select(1, caption_index)
         region_heads = unit.attend_across(
             region[0], images.cross_own.take(image_index, n_regions), word[1], word[2], word_pad
         )
         word_heads = unit.attend_across(
             word[0], captions.cross_own.take(caption_index, n_words), region[1], region[2], region_pad
         )
-        region_out = unit.finish(images.regions[image_index, :n_regions], unit.out(region_heads))
-        word_out = unit.finish(captions.words[caption_index, :n_words], unit.out(word_heads))
+        region_rows = images.regions[:, :n_regions].index_select(0, image_index)
+        word_rows = captions.words[:, :n_words].index_select(0, caption_index)
+        region_out = unit.finish(region_rows, unit.out(region_heads))
+        word_out = unit.finish(word_rows, unit.out(word_heads))
         i1 = _mean_unit(region_out, region_pad, region_lengths)
         # Padded word rows are zeroed so the CNN windows that overhang n read zeros, as in §2.3.
         if word_pad is not None:
@@ -635,6 +646,12 @@ class MMCA(nn.Module):
         i2t_mask = torch.zeros_like(self_scores, dtype=torch.bool).scatter_(1, by_image, True)
         t2i_mask = torch.zeros_like(self_scores, dtype=torch.bool).t().scatter_(1, by_caption, True).t()
         image_index, caption_index = (i2t_mask | t2i_mask).nonzero(as_tuple=True)  # a pair in both: once
+        # Batches of pairs of similar lengths, as in `similarity`: little padding after trimming.
+        lengths = (
+            images.lengths[image_index] * (int(captions.lengths.max()) + 1) + captions.lengths[caption_index]
+        )
+        order = torch.sort(lengths, stable=True).indices
+        image_index, caption_index = image_index[order], caption_index[order]
         image_block, caption_block = _resolve_block(block_size, self_scores.device)
         chunk = image_block * caption_block
         parts: list[Tensor] = []

@@ -198,6 +198,17 @@ def recall_section(inputs: ReportInputs) -> Section:
         folds = values.get("folds")
         if isinstance(folds, list) and all(isinstance(f, Mapping) for f in folds):
             rows += [recall_row(f"fold {i + 1}", fold) for i, fold in enumerate(folds)]
+    paragraphs = []
+    two_stage = inputs.metrics.get("two_stage")
+    if isinstance(two_stage, Mapping) and isinstance(two_stage.get("metrics"), Mapping):
+        k = two_stage["k"]
+        rows.append(recall_row(f"two-stage, shortlists of k={k} (whole split)", two_stage["metrics"]))
+        paragraphs.append(
+            f"Two-stage evaluation (mmca.md 5.3) on the same model: {two_stage['pairs_scored']:,} of "
+            f"{two_stage['pairs_total']:,} pairs scored in {two_stage['time_s']:.1f} s, against "
+            f"{two_stage['exact_time_s']:.1f} s for exact. Only its R@K with K <= {k} are the two-stage "
+            "system's recall; its medr/meanr are not comparable with exact evaluation."
+        )
     return Section(
         "Recall",
         [
@@ -206,6 +217,7 @@ def recall_section(inputs: ReportInputs) -> Section:
             "The chance rows are the expectation under a random ranking of the same gallery.",
             _recall_table(rows, "Retrieval on the evaluated split", bold),
             "; ".join(summary) + ".",
+            *paragraphs,
         ],
     )
 
