@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +98,23 @@ def publish_new(path: str | Path) -> Iterator[Path]:
         fsync_file(tmp_path)
         os.link(tmp_path, path)
     fsync_directory(path.parent)
+
+
+def replace_directory(staging: str | Path, destination: str | Path) -> None:
+    """Move a fully written `staging` directory to `destination`, replacing an earlier version.
+
+    The earlier version is renamed aside first and deleted only once the new one is in place, so a reader
+    sees the old directory or the new one, never a mix; the parent directory entry is made durable.
+    """
+    staging, destination = Path(staging), Path(destination)
+    previous: Path | None = None
+    if destination.exists():
+        previous = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(destination, previous)
+    os.replace(staging, destination)
+    fsync_directory(destination.parent)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

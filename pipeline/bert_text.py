@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
+from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 
@@ -240,21 +241,6 @@ class FrozenBert:
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return 0 if pad is None else int(pad)  # masked out either way
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto`: CUDA when available, else CPU; anything else as torch parses it (a BertError if it cannot)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise BertError(f"bert_device {device!r} is not a torch device: {exc}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BertError(f"bert_device {device!r} asked for, but CUDA is not available on this machine")
-    return resolved
 
 
 @contextlib.contextmanager

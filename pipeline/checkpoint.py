@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import __version__
+from pipeline.atomic import replace_directory
 from pipeline.errors import UserError
 from pipeline.vocab import SCAN_PIPE_TOKENIZER, TOKENIZERS
 
@@ -115,17 +115,6 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, meta
 
 
-def _atomic_replace_dir(staging: Path, destination: Path) -> None:
-    """Move a fully written staging directory to `destination`, replacing any previous version."""
-    previous: Path | None = None
-    if destination.exists():
-        previous = destination.with_name(f".{destination.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(destination, previous)
-    os.replace(staging, destination)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
 def _staging_dir(destination: Path) -> Path:
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.with_name(f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -189,7 +178,7 @@ def save_checkpoint(
             "extra": dict(extra or {}),
         }
         (staging / CHECKPOINT_JSON).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        _atomic_replace_dir(staging, destination)
+        replace_directory(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -205,7 +194,7 @@ def copy_checkpoint(source: str | Path, destination: str | Path) -> Path:
         for item in source.iterdir():
             if item.is_file():
                 shutil.copyfile(item, staging / item.name)
-        _atomic_replace_dir(staging, destination)
+        replace_directory(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

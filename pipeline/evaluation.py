@@ -10,8 +10,8 @@ tokenises the captions with its own vocabulary, stored in its checkpoint).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +99,17 @@ class EncodedCaptions:
     embeddings: list[Tensor]  # per chunk: (c, L_chunk, d)
     lengths: list[Tensor]  # per chunk: (c,) int64 on the embeddings' device
     count: int
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside, its previous mode restored outside (validation runs mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -214,43 +225,37 @@ def score_encoded(
     return scores
 
 
+def padded_split(
+    table: RegionFeatureTable, image_rows: np.ndarray, captions: CaptionInputs
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """All listed images and all captions as padded tensors, in order: (regions, lengths, words, lengths).
+
+    For models that score raw inputs (MMCA); Flickr30K's test split is about 0.6 GB in float32.
+    """
+    images = ImageDataset(table, image_rows)
+    regions, region_lengths = pad_regions([images[i][0] for i in range(len(images))])
+    words, word_lengths = pad_tokens([captions.item(i) for i in range(len(captions))])
+    return regions, region_lengths, words, word_lengths
+
+
 @torch.no_grad()
 def _pair_model_scores(
     model: nn.Module,
-    image_batches: Iterable[ImageBatch],
-    caption_batches: Iterable[CaptionBatch],
-    num_pairs: int,
+    inputs: tuple[Tensor, Tensor, Tensor, Tensor],
     *,
     block_size: BlockSize | None,
     device: torch.device,
-    progress: Progress | None,
-    keep_tasks: bool,
+    progress: Progress | None = None,
+    keep_tasks: bool = True,
 ) -> Tensor:
-    """Scores of a model whose `score_matrix` takes the raw padded inputs (MMCA, mmca.md 5.1).
-
-    The inputs are gathered on the device (Flickr30K: about 0.6 GB in float32), captions put back in their
-    order; the model computes each item's projections once and the per-pair work in bounded blocks.
-    """
-    images = list(image_batches)
-    regions, region_lengths = pad_regions(
-        [r[:n] for b in images for r, n in zip(b.region_features, b.region_lengths, strict=True)]
-    )
-    captions = list(caption_batches)
-    order = torch.cat([batch.indices for batch in captions])
-    words, word_lengths = pad_tokens(
-        [w[:n] for b in captions for w, n in zip(b.caption_inputs, b.caption_lengths, strict=True)]
-    )
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    tracker = _Tracker(progress, "score pairs", num_pairs, keep_tasks)
-    scores = model.score_matrix(
-        regions.to(device),
-        region_lengths.to(device),
-        words[inverse].to(device),
-        word_lengths[inverse].to(device),
-        block_size=block_size,
-        progress=tracker.advance,
-    )
+    """Scores of a model whose `score_matrix` takes the raw padded inputs (MMCA, mmca.md 5.1): it computes
+    each item's projections once and the per-pair work in bounded blocks."""
+    regions, region_lengths, words, word_lengths = (tensor.to(device) for tensor in inputs)
+    tracker = _Tracker(progress, "score pairs", regions.shape[0] * words.shape[0], keep_tasks)
+    with eval_mode(model):
+        scores = model.score_matrix(
+            regions, region_lengths, words, word_lengths, block_size=block_size, progress=tracker.advance
+        )
     tracker.close()
     return scores.float().cpu()
 
@@ -269,20 +274,7 @@ def _scores_from_batches(
     keep_tasks: bool,
 ) -> Tensor:
     """The one encode-then-score path (eval mode, no gradients) behind every scoring entry point."""
-    was_training = model.training
-    model.eval()
-    try:
-        if hasattr(model, "score_matrix"):  # MMCA: encodes each item once and scores blockwise itself
-            return _pair_model_scores(
-                model,
-                image_batches,
-                caption_batches,
-                num_images * num_captions,
-                block_size=block_size,
-                device=device,
-                progress=progress,
-                keep_tasks=keep_tasks,
-            )
+    with eval_mode(model):
         img_emb, region_lengths = encode_images(
             model,
             image_batches,
@@ -310,8 +302,6 @@ def _scores_from_batches(
             progress=progress,
             keep_tasks=keep_tasks,
         )
-    finally:
-        model.train(was_training)
 
 
 def model_scores(
@@ -328,6 +318,11 @@ def model_scores(
     keep_tasks: bool = True,
 ) -> Tensor:
     """Score the listed rows of a feature table against captions' text inputs: each side encoded once."""
+    if hasattr(model, "score_matrix"):  # MMCA: encodes each item once and scores blockwise itself
+        inputs = padded_split(table, image_rows, tokens)
+        return _pair_model_scores(
+            model, inputs, block_size=block_size, device=device, progress=progress, keep_tasks=keep_tasks
+        )
     images = image_loader(ImageDataset(table, image_rows), batch_size, pin_memory=device.type == "cuda")
     captions = caption_loader(CaptionDataset(tokens), batch_size, sort_by_length=True)
     return _scores_from_batches(
@@ -362,6 +357,11 @@ def encode_and_score(
     n_images, n_captions = region_features.shape[0], token_ids.shape[0]
     if region_lengths is None:
         region_lengths = torch.full((n_images,), region_features.shape[1], dtype=torch.long)
+    if hasattr(model, "score_matrix"):  # MMCA
+        inputs = (region_features, region_lengths, token_ids, caption_lengths)
+        return _pair_model_scores(
+            model, inputs, block_size=block_size, device=target, progress=None, keep_tasks=True
+        )
     positions = torch.arange(max(n_images, n_captions))
     image_batches = (
         ImageBatch(
@@ -442,18 +442,10 @@ def two_stage_evaluation(
     medr/meanr are kept but are not comparable with exact evaluation (a query whose match was not
     shortlisted ranks at k).
     """
-    was_training = model.training
-    model.eval()
     started = time.perf_counter()
-    try:
-        images = [ImageDataset(table, layout.image_rows)[i][0] for i in range(layout.num_images)]
-        regions, region_lengths = pad_regions(images)
-        words, word_lengths = pad_tokens([captions.item(i) for i in range(len(captions))])
-        i2t, t2i = model.two_stage_scores(
-            regions.to(device), region_lengths.to(device), words.to(device), word_lengths.to(device), k=k
-        )
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        inputs = (tensor.to(device) for tensor in padded_split(table, layout.image_rows, captions))
+        i2t, t2i = model.two_stage_scores(*inputs, k=k)
     seconds = time.perf_counter() - started
     per_image = layout.captions_per_image
     i2t_metrics = retrieval_metrics(i2t.float().cpu(), per_image)

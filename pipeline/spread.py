@@ -85,6 +85,31 @@ class SpreadReport:
     paper: PaperReference | None = None
     notes: tuple[str, ...] = ()
 
+    def display_rows(self, single_run_std: str = "—") -> list[dict[str, str]]:
+        """One row of readable cells per metric (the CLI table and the report's section share them)."""
+
+        def cell(value: float, digits: int = 2) -> str:
+            return "—" if value != value else f"{value:.{digits}f}"  # NaN: not available
+
+        rows = []
+        for metric, row in self.frame.iterrows():
+            seeds = "—"
+            if row["paper_seed_min"] == row["paper_seed_min"]:
+                seeds = f"{row['paper_seed_min']:.1f}–{row['paper_seed_max']:.1f}"
+            std = single_run_std if row["n"] < 2 else cell(row["std"])
+            rows.append(
+                {
+                    "metric": str(metric),
+                    "n": str(int(row["n"])),
+                    "mean ± std": f"{cell(row['mean'])} ± {std}",
+                    "min (run)": f"{cell(row['min'])} ({row['min_run']})",
+                    "max (run)": f"{cell(row['max'])} ({row['max_run']})",
+                    "paper": cell(row["paper"], 1),
+                    "paper seeds": seeds,
+                }
+            )
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; NaN written as null so the output stays strict JSON."""
 

@@ -23,7 +23,6 @@ far below what training on them resolves; float32 is there for exact comparisons
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import time
@@ -37,7 +36,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import __version__
-from pipeline.atomic import fsync_directory, fsync_file, write_text_atomic
+from pipeline.atomic import fsync_directory, fsync_file, replace_directory, write_text_atomic
 from pipeline.bert_text import (
     TEXT_DTYPES,
     BertError,
@@ -158,18 +157,6 @@ def check_output_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _publish_directory(tmp_dir: Path, target: Path) -> None:
-    """Rename a finished temporary directory to `target`, moving an earlier cache aside first."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{secrets.token_hex(4)}")
-        os.rename(target, old)
-    os.rename(tmp_dir, target)
-    fsync_directory(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _record_batch(
     image_ids: list[str], captions: list[str], chunk: EncodedChunk, schema: pa.Schema
 ) -> pa.RecordBatch:
@@ -263,7 +250,7 @@ def write_text_features(
         }
         write_text_atomic(tmp_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         fsync_directory(tmp_dir)
-        _publish_directory(tmp_dir, out_dir)
+        replace_directory(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -70,6 +71,8 @@ from pipeline.distributed import (
 from pipeline.errors import UserError
 from pipeline.evaluation import model_scores
 from pipeline.loaders import (
+    BertCaptions,
+    CaptionInputs,
     DataError,
     EpochBatchSampler,
     PairBatch,
@@ -514,6 +517,7 @@ def _train(
     text_kind = model_text_input(model_name)
     tokenizer: str | None = None
     bert: BertIdentity | None = None
+    train_tokens: CaptionInputs | None = None  # BERT models: the cache opened below, read once
     if text_kind == "words":
         vocab, vocab_path, tokenizer = _run_vocabulary(source_info, vocab_path, say)
         side = TextSide("words", vocab=vocab, vocab_path=vocab_path)
@@ -528,6 +532,7 @@ def _train(
             raise TrainingError(str(exc)) from exc
         bert = train_cache.identity
         side = TextSide("bert", text_features_dir=text_features, bert=bert)
+        train_tokens = BertCaptions(train_cache, np.arange(len(train_cache), dtype=np.int64))
         vocab_path = None
         data_sizes = {"bert_dim": int(train_cache.bert_dim)}
     train_table = read_captions(train_captions)
@@ -551,7 +556,8 @@ def _train(
     except DataError as exc:
         raise TrainingError(str(exc)) from exc
     try:
-        train_tokens = split_inputs(side, train_table.captions, train_captions)
+        if train_tokens is None:
+            train_tokens = split_inputs(side, train_table.captions, train_captions)
         val_tokens = split_inputs(side, val_layout.captions, val_captions)
     except UserError as exc:
         raise TrainingError(str(exc)) from exc

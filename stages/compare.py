@@ -95,10 +95,6 @@ def render_table(result: ComparisonResult, console: Console) -> None:
         console.print(f"[bold red]REGRESSION[/bold red] in {len(result.regressions)} check(s): {names}")
 
 
-def _spread_cell(value: float, digits: int = 2) -> str:
-    return "—" if value != value else f"{value:.{digits}f}"  # NaN: not available
-
-
 def render_spread(report: SpreadReport, console: Console) -> None:
     """The readable form of a seed spread: one line per metric, the paper's value (and seed range) beside."""
     runs = report.runs
@@ -106,20 +102,11 @@ def render_spread(report: SpreadReport, console: Console) -> None:
     table = Table(title=f"seed spread over {len(runs)} runs" + (f": {about}" if about else ""))
     for header in ("metric", "n", "mean ± std", "min", "max", "paper"):
         table.add_column(header, justify="left" if header == "metric" else "right")
-    for metric, row in report.frame.iterrows():
-        paper = _spread_cell(row["paper"], 1)
-        if row["paper_seed_min"] == row["paper_seed_min"]:
-            seeds = f"seeds {row['paper_seed_min']:.1f}–{row['paper_seed_max']:.1f}"
-            paper = seeds if paper == "—" else f"{paper}; {seeds}"
-        std = "n/a (1 run)" if row["n"] < 2 else _spread_cell(row["std"])
-        table.add_row(
-            str(metric),
-            str(int(row["n"])),
-            f"{_spread_cell(row['mean'])} ± {std}",
-            f"{_spread_cell(row['min'])} ({row['min_run']})",
-            f"{_spread_cell(row['max'])} ({row['max_run']})",
-            paper,
-        )
+    for row in report.display_rows(single_run_std="n/a (1 run)"):
+        paper, seeds = row["paper"], row["paper seeds"]
+        if seeds != "—":
+            paper = f"seeds {seeds}" if paper == "—" else f"{paper}; seeds {seeds}"
+        table.add_row(row["metric"], row["n"], row["mean ± std"], row["min (run)"], row["max (run)"], paper)
     console.print(table)
     seeds = [
         f"{name} (seed {runs.seeds[name]})" if runs.seeds.get(name) is not None else name for name in runs

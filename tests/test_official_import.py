@@ -54,7 +54,9 @@ def _vocab(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_split(scan_official_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def precomp_test_split(
+    scan_official_fixtures: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
     """The fixture's test split imported with `import-precomp` (feature store, captions table)."""
     (data_dir,) = sorted(path for path in (scan_official_fixtures / "data").iterdir() if path.is_dir())
     out = tmp_path_factory.mktemp("precomp") / "test_store"
@@ -121,11 +123,11 @@ def test_evaluation_equals_evalrank(
     index: int,
     scan_official_fixtures: Path,
     imported: dict[str, Path],
-    test_split: tuple[Path, Path],
+    precomp_test_split: tuple[Path, Path],
 ) -> None:
     run = _runs(scan_official_fixtures)[index]
     expected = _expected(scan_official_fixtures, run)
-    store, captions = test_split
+    store, captions = precomp_test_split
     result = evaluate_run(
         [imported[run]], store, captions, protocol="flickr30k_1k", device="cpu", progress=False
     )
@@ -178,10 +180,10 @@ def test_embeddings_float32_and_float64(
 
 
 def test_ensemble_averages_the_score_matrices(
-    scan_official_fixtures: Path, imported: dict[str, Path], test_split: tuple[Path, Path]
+    scan_official_fixtures: Path, imported: dict[str, Path], precomp_test_split: tuple[Path, Path]
 ) -> None:
     zips = [run for run in _runs(scan_official_fixtures) if not run.endswith("_legacy")][:2]
-    store, captions = test_split
+    store, captions = precomp_test_split
     result = evaluate_run([imported[run] for run in zips], store, captions, device="cpu", progress=False)
     official = np.mean([_expected(scan_official_fixtures, run)["sims"] for run in zips], axis=0)
     np.testing.assert_allclose(result.scores, official, rtol=1e-5, atol=1e-6)

@@ -264,24 +264,7 @@ def published_section(inputs: ReportInputs, published: Mapping[str, Any]) -> Sec
 
 def seed_spread_section(inputs: ReportInputs, spread: SpreadReport) -> Section:
     """Mean ± std, min and max per metric over the seeds given, beside this run and the paper."""
-    rows = []
-    for metric, row in spread.frame.iterrows():
-        seeds = ""
-        if not math.isnan(row["paper_seed_min"]):
-            seeds = f"{fmt(row['paper_seed_min'])}–{fmt(row['paper_seed_max'])}"
-        std = "—" if row["n"] < 2 else fmt(row["std"], 2)
-        rows.append(
-            [
-                str(metric),
-                str(int(row["n"])),
-                f"{fmt(row['mean'], 2)} ± {std}",
-                f"{fmt(row['min'], 2)} ({row['min_run']})",
-                f"{fmt(row['max'], 2)} ({row['max_run']})",
-                fmt(inputs.metrics.get(str(metric)), 2),
-                fmt(row["paper"]) if not math.isnan(row["paper"]) else "—",
-                seeds or "—",
-            ]
-        )
+    rows = [{**row, "this run": fmt(inputs.metrics.get(row["metric"]), 2)} for row in spread.display_rows()]
     headers = ["metric", "n", "mean ± std", "min (run)", "max (run)", "this run", "paper", "paper seeds"]
     blocks: list[Block] = [
         f"{len(spread.runs)} runs given as seeds of this configuration ({', '.join(spread.runs)}): "
