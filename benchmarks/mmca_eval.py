@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":  # exact float32 products for the difference check
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
     block_size = None if args.block_size is None else (args.block_size[0], args.block_size[-1])
     n_img, n_cap = (max(1, round(size * args.scale)) for size in FLICKR)
     k = args.k or max(1, round(128 * n_cap / FLICKR[1]))
@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
         tf32_clock = Clock(device)
         with torch.inference_mode():
             model.score_matrix(
@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                     regions, region_lengths, words, word_lengths, block_size=block_size
                 )
             )
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
         console.print(
             f"batched, TF32: {pairs / tf32_clock.wall:,.0f} pairs/s, {tf32_clock.wall:.2f} s wall, "
             f"{fast_clock.wall / tf32_clock.wall:.2f}x the float32 time; max abs diff to float32 "

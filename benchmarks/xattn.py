@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":  # exact float32 products for the difference check
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
     n_img, n_cap, regions, words, dim = SHAPES[args.shape]
     n_img, n_cap = max(1, round(n_img * args.scale)), max(1, round(n_cap * args.scale))
     dtype = DTYPES[args.dtype]

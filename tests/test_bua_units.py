@@ -13,16 +13,16 @@ from bua_recipe import recipe_weights
 from extractors.bua.anchors import generate_cell_anchors
 from extractors.bua.config import DetectorConfig
 from extractors.bua.detector import BottomUpAttentionDetector
+from extractors.bua.nms import caffe_descending, fixed_point_keep, greedy_nms, pack_bits, pairwise_iou
 from extractors.bua.preprocess import compute_scale, feature_size, image_blob
-from extractors.bua.proposals import greedy_nms
 from extractors.bua.roi_head import RoIHeadOutput, roi_feature_coords
 from extractors.bua.selection import (
     _pack_bits,
     _sweep_numpy,
-    _sweep_torch,
     per_class_max_conf,
-    per_class_max_conf_batch,
+    per_class_max_conf_padded,
     select_regions,
+    select_regions_padded,
 )
 from extractors.bua.weights import load_into
 
@@ -118,10 +118,11 @@ def test_proposal_layer_from_fixture_maps(
 def test_nms_uses_plus_one_areas_and_inclusive_threshold() -> None:
     # Two 10x10 "+1" boxes shifted by 5 px: inter 5*10 = 50, union 150, IoU = 1/3 exactly in float32 terms.
     boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0], [5.0, 0.0, 14.0, 9.0]])
+    scores = torch.tensor([0.6, 0.7])  # box 1 first
     iou = float(np.float32(50.0) / np.float32(150.0))
-    assert greedy_nms(boxes, iou).tolist() == [0]  # suppressed at IoU >= thresh
-    assert greedy_nms(boxes, iou + 1e-6).tolist() == [0, 1]
-    assert greedy_nms(boxes, 0.5, max_keep=1).tolist() == [0]
+    assert greedy_nms(boxes, scores, iou).tolist() == [1]  # suppressed at IoU >= thresh
+    assert greedy_nms(boxes, scores, iou + 1e-6).tolist() == [1, 0]
+    assert greedy_nms(boxes, scores, 0.5, max_keep=1).tolist() == [1]
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -195,20 +196,21 @@ def _fixture_heads(exp: np.lib.npyio.NpzFile) -> RoIHeadOutput:
 
 
 def test_sweep_backends_agree() -> None:
+    """Per class (with tied probabilities): the numpy bitset sweep, the fixed point and greedy_nms agree."""
     generator = torch.Generator().manual_seed(0)
     boxes = torch.rand(40, 2, generator=generator) * 50
     boxes = torch.cat((boxes, boxes + 5 + torch.rand(40, 2, generator=generator) * 30), dim=1)
-    prob = torch.rand(40, 7, generator=generator)
-    from extractors.bua.proposals import pairwise_iou
-
-    bits = _pack_bits(pairwise_iou(boxes, boxes) >= 0.3)
-    order = torch.sort(prob.t(), dim=1, descending=True, stable=True).indices
-    assert torch.equal(_sweep_torch(order, bits), torch.from_numpy(_sweep_numpy(order.numpy(), bits.numpy())))
-    # and one class's sweep equals the plain greedy NMS in that class's score order
-    kept = _sweep_torch(order, bits)
+    prob = torch.randint(0, 4, (40, 7), generator=generator).float() / 4
+    overlap = pairwise_iou(boxes, boxes).double() >= 0.3  # [j, i], j kept
+    order = caffe_descending(prob.t())  # (7, 40)
+    swept = torch.from_numpy(_sweep_numpy(order.numpy(), _pack_bits(overlap).numpy()))
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(40).expand(7, -1))
+    earlier = rank[:, None, :] < rank[:, :, None]  # [c, i, j]: j before i
+    fixed = fixed_point_keep(pack_bits(overlap.t()[None] & earlier))
+    assert torch.equal(swept, fixed)
     for cls in range(7):
-        reference = order[cls][greedy_nms(boxes[order[cls]], 0.3)]
-        assert sorted(reference.tolist()) == torch.nonzero(kept[cls]).squeeze(1).tolist()
+        reference = greedy_nms(boxes, prob[:, cls], 0.3)
+        assert sorted(reference.tolist()) == torch.nonzero(swept[cls]).squeeze(1).tolist()
 
 
 def test_selection_branches_on_synthetic_scores() -> None:
@@ -222,6 +224,14 @@ def test_selection_branches_on_synthetic_scores() -> None:
     assert (more.branch, more.keep.tolist()) == ("more_than_max", [5, 1])
     fewer = select_regions(boxes, prob, conf_thresh=0.6, min_boxes=3, max_boxes=5)
     assert (fewer.branch, fewer.keep.tolist()) == ("fewer_than_min", [5, 1, 2])
+    # the batched path gives the same three answers
+    conf, _ = per_class_max_conf_padded(boxes[None], prob[None], torch.tensor([6]))
+    assert torch.equal(conf[0], within.max_conf)
+    for selection, (thresh, low, high) in ((within, (0.2, 2, 4)), (more, (0.2, 1, 2)), (fewer, (0.6, 3, 5))):
+        keep, count, _ = select_regions_padded(
+            conf, torch.tensor([6]), conf_thresh=thresh, min_boxes=low, max_boxes=high
+        )
+        assert keep[0, : int(count[0])].tolist() == selection.keep.tolist()
 
 
 # ---- tiny detector
@@ -287,18 +297,21 @@ def test_padding_is_masked(tiny_detector: BottomUpAttentionDetector) -> None:
 
 def test_tiny_fast_mode_runs_and_keeps_float32_outputs(tiny_detector: BottomUpAttentionDetector) -> None:
     images = _synthetic_images()[:1]
+    settings = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
     exact = tiny_detector.detect(images)[0]
     fast = tiny_detector.detect(images, precision="bf16")[0]
     assert fast.features.dtype == np.float32 and fast.features.shape == exact.features.shape
     assert np.abs(fast.features - exact.features).max() < 0.5 * (np.abs(exact.features).max() + 1e-6) + 1e-2
-    assert torch.backends.cudnn.allow_tf32 is not None  # flags restored without error
+    # The new precision API only, restored after use.
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == settings
     with pytest.raises(ValueError, match="unknown precision"):
         tiny_detector.detect(images, precision="fp8")  # type: ignore[arg-type]
 
 
 def test_batched_sweep_equals_per_image_selection(bua_fixtures: Path) -> None:
-    """The accelerator path (one sweep over all images' classes) gives the CPU path's max_conf exactly,
-    on the fixture's three images (all selection branches) batched together with a ragged, shorter one."""
+    """The device path (fixed-point NMS of every image and class at once, then the padded selection) gives the
+    CPU path's max_conf and keep exactly, on the fixture's three images (all selection branches) batched
+    together with a ragged, shorter one."""
     boxes, probs = [], []
     for name in IMAGES:
         exp = expected(bua_fixtures, name)
@@ -306,11 +319,26 @@ def test_batched_sweep_equals_per_image_selection(bua_fixtures: Path) -> None:
         probs.append(torch.from_numpy(exp["cls_prob"]))
     boxes.append(boxes[0][:123])  # fewer proposals: padding must neither keep nor suppress anything
     probs.append(probs[0][:123])
-    batched = per_class_max_conf_batch(boxes, probs, 0.3)
-    for image_boxes, image_prob, (conf, conf_class) in zip(boxes, probs, batched, strict=True):
+    counts = [b.shape[0] for b in boxes]
+    padded_boxes = torch.full((len(boxes), max(counts), 4), float("nan"))
+    padded_probs = torch.full((len(boxes), max(counts), probs[0].shape[1]), float("nan"))
+    for index, (image_boxes, image_prob) in enumerate(zip(boxes, probs, strict=True)):
+        padded_boxes[index, : counts[index]] = image_boxes
+        padded_probs[index, : counts[index]] = image_prob
+    conf, conf_class = per_class_max_conf_padded(padded_boxes, padded_probs, torch.tensor(counts), 0.3)
+    keep, keep_counts, branch = select_regions_padded(
+        conf, torch.tensor(counts), conf_thresh=0.2, min_boxes=36, max_boxes=36
+    )
+    for index, (image_boxes, image_prob) in enumerate(zip(boxes, probs, strict=True)):
         expected_conf, expected_class = per_class_max_conf(image_boxes, image_prob, 0.3)
-        assert torch.equal(conf, expected_conf)
-        assert torch.equal(conf_class, expected_class)
-    for name, (conf, _) in zip(IMAGES, batched, strict=False):
-        reference = expected(bua_fixtures, name)["max_conf"]
-        np.testing.assert_array_equal(conf.numpy().astype(np.float64), reference)
+        assert torch.equal(conf[index, : counts[index]], expected_conf)
+        assert torch.equal(conf_class[index, : counts[index]], expected_class)
+        selection = select_regions(image_boxes, image_prob, max_conf=(expected_conf, expected_class))
+        assert keep[index, : int(keep_counts[index])].tolist() == selection.keep.tolist()
+        assert int(branch[index]) == ("within_min_max", "fewer_than_min", "more_than_max").index(
+            selection.branch
+        )
+    for index, name in enumerate(IMAGES):
+        reference = expected(bua_fixtures, name)
+        np.testing.assert_array_equal(conf[index].numpy().astype(np.float64), reference["max_conf"])
+        np.testing.assert_array_equal(keep[index, : int(keep_counts[index])].numpy(), reference["keep_boxes"])

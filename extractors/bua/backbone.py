@@ -4,9 +4,17 @@ Module and parameter names follow the detectron2/HF state-dict layout
 (`backbone.res4.7.conv2.norm.running_var`) so a checkpoint loads by name. Padded batches: `valid_sizes` gives
 each image's (h, w) at the input; the padded area is zeroed wherever a spatial kernel would otherwise read it,
 so each image's outputs equal a one-image run.
+
+`folded=True` runs a block with each frozen BN folded into its convolution (one conv with bias, in the input's
+dtype): res5's low-precision path, where per-call BN kernels and re-casting frozen weights would cost time.
+The default (unfolded) path is the Caffe-exact float32 arithmetic.
 """
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +66,39 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
 
 
+# (data_ptr, _version, shape, dtype, device) of one source tensor of a folded conv: any change to the tensor
+# (load_state_dict, .to(), in-place edits, a replaced .data) changes its stamp.
+_Stamp = tuple[int, int, torch.Size, torch.dtype, torch.device]
+
+
+def _stamp(tensor: torch.Tensor) -> _Stamp | None:
+    """The tensor's identity-and-contents stamp; None for inference tensors, which have no version counter."""
+    if tensor.is_inference():
+        return None
+    return (tensor.data_ptr(), tensor._version, tensor.shape, tensor.dtype, tensor.device)
+
+
+@dataclass(frozen=True)
+class _FoldedEntry:
+    """A cached folded (weight, bias) and the exact source tensors and stamps it was computed from."""
+
+    sources: tuple[weakref.ref[torch.Tensor], ...]
+    stamps: tuple[_Stamp | None, ...]
+    eps: float
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def matches(
+        self, sources: tuple[torch.Tensor, ...], stamps: tuple[_Stamp | None, ...], eps: float
+    ) -> bool:
+        same_objects = all(ref() is tensor for ref, tensor in zip(self.sources, sources, strict=True))
+        return same_objects and self.stamps == stamps and self.eps == eps
+
+
 class ConvNorm(nn.Module):
     """Bias-free convolution followed by frozen BN (detectron2's `Conv2d(norm=FrozenBN)`)."""
+
+    _folded_cache: dict[tuple[torch.dtype, torch.device], _FoldedEntry]
 
     def __init__(
         self,
@@ -81,8 +120,69 @@ class ConvNorm(nn.Module):
         )
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
         self.norm = FrozenBatchNorm2d(out_channels, eps)
+        # Plain attribute, not a buffer: never in the state dict; emptied by .to()/.half() and when pickled.
+        self._folded_cache = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fold_sources(self) -> tuple[torch.Tensor, ...]:
+        norm = self.norm
+        return (self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+
+    def _fold(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv weight * BN scale and BN shift, computed in float64 (float32 on MPS), then cast once."""
+        norm = self.norm
+        wide = torch.float32 if self.weight.device.type == "mps" else torch.float64
+        # Normal (not inference) tensors, so the cache also serves calls made outside inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            scale = norm.weight.to(wide) * (norm.running_var.to(wide) + norm.eps).rsqrt()
+            shift = norm.bias.to(wide) - norm.running_mean.to(wide) * scale
+            weight = self.weight.to(wide) * scale.reshape(-1, 1, 1, 1)
+            return (
+                weight.to(device=device, dtype=dtype).contiguous(),
+                shift.to(device=device, dtype=dtype).contiguous(),
+            )
+
+    def folded(self, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the conv with the frozen BN folded in, in `dtype` on `device`.
+
+        Cached per (dtype, device) so frozen weights are not re-cast on every call; an entry is recomputed
+        when the conv weight or any BN buffer was replaced or changed (load_state_dict, .to(), in-place
+        edits). Inference tensors (no version counter) are folded afresh on every call.
+        """
+        device = torch.device(device)
+        sources = self._fold_sources()
+        stamps = tuple(_stamp(tensor) for tensor in sources)
+        key = (dtype, device)
+        entry = self._folded_cache.get(key)
+        eps = float(self.norm.eps)
+        if entry is not None and entry.matches(sources, stamps, eps):
+            return entry.weight, entry.bias
+        weight, bias = self._fold(dtype, device)
+        if all(stamp is not None for stamp in stamps):
+            refs = tuple(weakref.ref(tensor) for tensor in sources)
+            self._folded_cache[key] = _FoldedEntry(refs, stamps, eps, weight, bias)
+        else:
+            self._folded_cache.pop(key, None)
+        return weight, bias
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ConvNorm:
+        self._folded_cache = {}  # .to()/.cuda()/.half(): drop copies on the old device at once
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_folded_cache"] = {}  # weak references cannot be pickled; a copy refolds on first use
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_folded_cache" not in self.__dict__:
+            self._folded_cache = {}
+
+    def forward(self, x: torch.Tensor, folded: bool = False) -> torch.Tensor:
+        """Conv then frozen BN; `folded`: one conv with the cached folded weight and bias in x's dtype."""
+        if folded:
+            weight, bias = self.folded(x.dtype, x.device)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
         y = F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding, self.dilation)
         return self.norm(y)
 
@@ -114,13 +214,16 @@ class Bottleneck(nn.Module):
         # A near-identity init keeps random-weight (tiny) detectors numerically tame over many blocks.
         nn.init.normal_(self.conv3.norm.weight, 0.2, 0.02)
 
-    def forward(self, x: torch.Tensor, valid_sizes: Sizes | None = None) -> torch.Tensor:
-        """`valid_sizes` are the per-image valid sizes of the *output* (None: no padding in the batch)."""
-        branch = F.relu_(self.conv1(x))
+    def forward(
+        self, x: torch.Tensor, valid_sizes: Sizes | None = None, folded: bool = False
+    ) -> torch.Tensor:
+        """`valid_sizes` are the per-image valid sizes of the *output* (None: no padding in the batch);
+        `folded`: every conv with its BN folded in (res5's low-precision path, see `ConvNorm.folded`)."""
+        branch = F.relu_(self.conv1(x, folded))
         branch = zero_padding(branch, valid_sizes)  # conv2's 3x3 kernel must see zeros past the image
-        branch = F.relu_(self.conv2(branch))
-        branch = self.conv3(branch)
-        identity = x if self.shortcut is None else self.shortcut(x)
+        branch = F.relu_(self.conv2(branch, folded))
+        branch = self.conv3(branch, folded)
+        identity = x if self.shortcut is None else self.shortcut(x, folded)
         return F.relu_(branch + identity)
 
 

@@ -7,9 +7,11 @@ resize, there is no division by a std, and the output size is cv2's rounded prod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 from extractors.bua.config import CAFFE_PIXEL_MEANS_BGR
 
@@ -55,13 +57,29 @@ def size_problem(height: int, width: int, test_scale: int = 600, max_size: int =
     )
 
 
+def mean_subtraction_table(pixel_means_bgr: Sequence[float] = CAFFE_PIXEL_MEANS_BGR) -> np.ndarray:
+    """(1, 256, 3) float32 cv2 lookup table: entry [0, v, c] = float32(v - mean_c) computed in double.
+
+    The reference subtracts the float64 means from the float32 image in double and rounds to float32; for
+    uint8 pixels that is a function of (value, channel), so a table lookup gives the same bits without a
+    float64 image-sized intermediate.
+    """
+    values = np.arange(256, dtype=np.float32)[:, None].astype(np.float64)
+    table = (values - np.asarray(pixel_means_bgr, dtype=np.float64)[None, :]).astype(np.float32)
+    return np.ascontiguousarray(table.reshape(1, 256, 3))
+
+
 def image_blob(
     image_bgr: np.ndarray,
     test_scale: int = 600,
     max_size: int = 1000,
     pixel_means_bgr: Sequence[float] = CAFFE_PIXEL_MEANS_BGR,
+    table: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Return the float32 (3, H', W') BGR blob and the float64 im_scale of one decoded uint8 BGR image."""
+    """Return the float32 (3, H', W') BGR blob and the float64 im_scale of one decoded uint8 BGR image.
+
+    `table` is `mean_subtraction_table(pixel_means_bgr)` when the caller keeps one (it is rebuilt otherwise).
+    """
     check_image(image_bgr)
     height, width = image_bgr.shape[:2]
     im_scale = compute_scale(height, width, test_scale, max_size)
@@ -71,15 +89,59 @@ def image_blob(
             f"image of {width}x{height} px scales to {out_w}x{out_h} px, smaller than the {MIN_BLOB_SIDE} px "
             "the detector needs on each side (extreme aspect ratio?)"
         )
-    # float32 minus float64 means: computed in double, rounded to float32, as the reference's in-place `-=`.
-    centred = (image_bgr.astype(np.float32) - np.asarray(pixel_means_bgr, dtype=np.float64)).astype(
-        np.float32
-    )
+    lookup = table if table is not None else mean_subtraction_table(pixel_means_bgr)
+    # float32 minus float64 means, rounded to float32 (the reference's in-place `-=`), as a table lookup.
+    centred = cv2.LUT(np.ascontiguousarray(image_bgr), lookup)
     resized = cv2.resize(centred, None, None, fx=im_scale, fy=im_scale, interpolation=cv2.INTER_LINEAR)
     if resized.shape[:2] != (out_h, out_w):  # cv2 computes the same rounded size; guard against surprises
         raise RuntimeError(f"cv2.resize returned {resized.shape[:2]}, expected {(out_h, out_w)}")
     blob = np.ascontiguousarray(resized.transpose(2, 0, 1))
     return blob, im_scale
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image made device-ready on the host (in a loader worker): its blob, scale and original size."""
+
+    blob: np.ndarray  # (3, H', W') float32
+    im_scale: float
+    image_h: int
+    image_w: int
+
+
+@dataclass(frozen=True)
+class BlobMaker:
+    """The detector's preprocessing as a small picklable callable, so loader workers can run it."""
+
+    test_scale: int
+    max_size: int
+    pixel_means_bgr: tuple[float, float, float]
+
+    def __call__(self, image_bgr: np.ndarray) -> PreparedImage:
+        table = _TABLES.get(self.pixel_means_bgr)
+        if table is None:
+            table = _TABLES.setdefault(self.pixel_means_bgr, mean_subtraction_table(self.pixel_means_bgr))
+        blob, im_scale = image_blob(image_bgr, self.test_scale, self.max_size, self.pixel_means_bgr, table)
+        return PreparedImage(blob, im_scale, int(image_bgr.shape[0]), int(image_bgr.shape[1]))
+
+
+_TABLES: dict[tuple[float, float, float], np.ndarray] = {}  # per process: workers build their own once
+
+
+def pad_blobs(
+    prepared: Sequence[PreparedImage], *, pin_memory: bool = False
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Zero-padded (B, 3, Hmax, Wmax) float32 batch (page-locked when asked) and each blob's (H', W')."""
+    sizes = [(int(p.blob.shape[1]), int(p.blob.shape[2])) for p in prepared]
+    max_h = max(h for h, _ in sizes)
+    max_w = max(w for _, w in sizes)
+    batch = torch.empty((len(prepared), 3, max_h, max_w), dtype=torch.float32, pin_memory=pin_memory)
+    for index, item in enumerate(prepared):
+        h, w = sizes[index]
+        batch[index, :, :h, :w] = torch.from_numpy(item.blob)
+        batch[index, :, h:, :] = 0  # only the padding is zeroed: each value is written once
+        batch[index, :, :h, w:] = 0
+    return batch, sizes
 
 
 def feature_size(blob_side: int) -> int:

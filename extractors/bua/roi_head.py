@@ -3,6 +3,10 @@
 `torchvision.ops.roi_pool` on float32 has exactly the Caffe ROIPooling arithmetic: coordinates rounded half
 away from zero, float32 bin bounds, empty bins give 0. Head outputs are returned in *Caffe order*
 (background / "no attribute" at index 0) while the weights keep the HF layout (background in the last row).
+
+Fast modes pass `dtype` (bfloat16/float16): RoI pooling stays float32, then only res5 runs in that dtype, with
+each frozen BN folded into its convolution (cached weights) and optionally channels_last; the spatial mean
+and the heads stay float32. With `dtype=None` res5 is the Caffe-exact float32 arithmetic, unchanged.
 """
 
 from __future__ import annotations
@@ -105,20 +109,59 @@ class RoIHeads(nn.Module):
             )
         return pooled.to(res4.dtype)
 
-    def pool5_features(self, res4: torch.Tensor, rois: torch.Tensor, chunk_size: int = 100) -> torch.Tensor:
-        """(K, D) float32 region features: res5 over pooled RoIs, then the spatial mean (chunked)."""
+    def res5_low_precision(
+        self, pooled: torch.Tensor, dtype: torch.dtype, channels_last: bool = False
+    ) -> torch.Tensor:
+        """(K, D) float32 spatial means of res5 run in `dtype` with folded BN on (K, C, P, P) pooled RoIs.
+
+        Autocast is switched off so `dtype` alone decides (and folded weights are not re-cast per call).
+        """
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            x = pooled.to(dtype=dtype, memory_format=memory_format)
+            for block in self.res5:
+                x = block(x, folded=True)
+            # Accumulate in float32 without materialising a float32 copy of the (K, D, P, P) map.
+            return x.mean(dim=(2, 3), dtype=torch.float32)
+
+    def pool5_features(
+        self,
+        res4: torch.Tensor,
+        rois: torch.Tensor,
+        chunk_size: int = 100,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ) -> torch.Tensor:
+        """(K, D) float32 region features: res5 over pooled RoIs, then the spatial mean (chunked).
+
+        `dtype` None: float32 res5 exactly as Caffe (`channels_last` is then ignored, so the exact path never
+        changes); a floating dtype: res5 in that dtype with folded BN (see `res5_low_precision`).
+        """
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"res5 dtype must be a floating-point dtype, got {dtype}")
         if rois.shape[0] == 0:
             return res4.new_zeros((0, self.box_predictor.cls_score.in_features), dtype=torch.float32)
         features = []
         for start in range(0, rois.shape[0], max(1, chunk_size)):
             x = self.pool(res4, rois[start : start + chunk_size])
+            if dtype is not None:
+                features.append(self.res5_low_precision(x, dtype, channels_last))
+                continue
             for block in self.res5:
                 x = block(x)
             features.append(x.float().mean(dim=(2, 3)))
         return torch.cat(features)
 
-    def forward(self, res4: torch.Tensor, rois: torch.Tensor, chunk_size: int = 100) -> RoIHeadOutput:
-        pool5 = self.pool5_features(res4, rois, chunk_size)
+    def forward(
+        self,
+        res4: torch.Tensor,
+        rois: torch.Tensor,
+        chunk_size: int = 100,
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+    ) -> RoIHeadOutput:
+        """pool5 features (res5 in `dtype` when given) and the float32 class/attribute heads."""
+        pool5 = self.pool5_features(res4, rois, chunk_size, dtype=dtype, channels_last=channels_last)
         heads = self.box_predictor(pool5)
         return RoIHeadOutput(pool5=pool5, **heads)
 

@@ -16,7 +16,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -44,6 +44,7 @@ class ImageItem:
     exception: str = ""
     orientation: int = 1  # the file's EXIF orientation tag (1 when absent), whichever the EXIF policy
     warnings: tuple[str, ...] = ()  # accepted oddities (a JPEG without its end marker)
+    prepared: object | None = None  # the detector's device-ready form of `image`, made in the worker
 
     def refuse(self, error: ImageDecodeError) -> ImageItem:
         """This item as the failure `error` (e.g. a size the detector cannot take), without its pixels."""
@@ -66,16 +67,24 @@ def timeout_item(image_id: str, timeout_s: float, *, stopped: bool) -> ImageItem
 class ImageFileDataset(Dataset):
     """Decodes images in loader workers; every failure is returned as an error item, never raised.
 
-    Holds only paths and numbers, so it pickles cheaply into forkserver/spawn workers.
+    Holds only paths, numbers and the detector's small picklable `prepare` callable, so it pickles cheaply
+    into forkserver/spawn workers. `prepare` (e.g. the Caffe blob construction) runs in the worker after the
+    decode, off the main process's critical path; its ValueError makes the image an "unsupported" item.
     """
 
     def __init__(
-        self, images_root: Path, image_ids: Sequence[str], max_pixels: int, exif: str = "ignore"
+        self,
+        images_root: Path,
+        image_ids: Sequence[str],
+        max_pixels: int,
+        exif: str = "ignore",
+        prepare: Callable[[np.ndarray], object] | None = None,
     ) -> None:
         self.images_root = images_root
         self.image_ids = list(image_ids)
         self.max_pixels = max_pixels
         self.exif = exif
+        self.prepare = prepare
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -90,12 +99,19 @@ class ImageFileDataset(Dataset):
             return ImageItem(
                 image_id, error_kind="read_failed", error_reason=str(exc), exception=type(exc).__name__
             )
+        prepared = None
+        if self.prepare is not None:
+            try:
+                prepared = self.prepare(decoded.image)
+            except ValueError as exc:  # a size the detector cannot take: this image only
+                return ImageItem(image_id).refuse(ImageDecodeError(str(exc), "unsupported"))
         return ImageItem(
             image_id,
             decoded.image,
             decoded.conversion,
             orientation=decoded.header.orientation,
             warnings=decoded.warnings,
+            prepared=prepared,
         )
 
     def tail(self, start: int) -> ImageFileDataset:

@@ -6,7 +6,7 @@ methods can fill a feature store, e.g. `extractors.bua.detector.BottomUpAttentio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -55,6 +55,25 @@ class RegionDetector(Protocol):
         ...
 
 
+class PreparingDetector(RegionDetector, Protocol):
+    """A detector whose host preprocessing can run in the loader workers (off the critical path)."""
+
+    def preparer(self) -> Callable[[np.ndarray], object]:
+        """A picklable function: decoded BGR image -> what `detect_prepared` takes for it."""
+        ...
+
+    def detect_prepared(self, prepared: Sequence[Any], *, precision: str) -> Sequence[DetectedRegions]:
+        """`detect` of images already passed through `preparer()`."""
+        ...
+
+
+def preparer_of(detector: RegionDetector) -> Callable[[np.ndarray], object] | None:
+    """The detector's worker-side preprocessing, when it has one (plain `RegionDetector`s do not)."""
+    if callable(getattr(detector, "preparer", None)) and callable(getattr(detector, "detect_prepared", None)):
+        return detector.preparer()  # type: ignore[attr-defined]
+    return None
+
+
 class NonFiniteRegionsError(ValueError):
     """A detector returned NaN or inf (or features beyond the store's float16 range) for an image.
 
@@ -89,9 +108,14 @@ def to_record(
     The detector's own dtypes (float32 features, int64 ids) are its business; the store's are float32 boxes
     and confidences, int32 ids and `feature_dtype` features. The writer checks them and converts nothing.
 
-    Raises NonFiniteRegionsError when a converted float array (features, boxes, confidences) holds NaN or
-    inf, including finite features beyond float16's range: such an image is a failed image, never a row.
+    Raises NonFiniteRegionsError when the detector flags the image (`regions.problem`, e.g. NaN class
+    probabilities that make its box selection garbage) or a converted float array (features, boxes,
+    confidences) holds NaN or inf, including finite features beyond float16's range: such an image is a
+    failed image, never a row.
     """
+    flagged = getattr(regions, "problem", None)
+    if flagged:
+        raise NonFiniteRegionsError(f"{image_id}: detector output is not finite ({flagged})")
     with np.errstate(over="ignore"):  # a float16 overflow becomes inf, refused below
         record = RegionRecord(
             image_id=image_id,

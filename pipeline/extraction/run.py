@@ -15,9 +15,16 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline import __version__ as PACKAGE_VERSION
+from pipeline.device_faults import DeviceFaultError, device_fault
 from pipeline.distributed import DistributedContext, all_reduce_max, barrier, init_distributed, shutdown
 from pipeline.extraction.decode import ImageFileDataset, ImageItem, batched, decoded_items
-from pipeline.extraction.detector import DetectedRegions, NonFiniteRegionsError, RegionDetector, to_record
+from pipeline.extraction.detector import (
+    DetectedRegions,
+    NonFiniteRegionsError,
+    RegionDetector,
+    preparer_of,
+    to_record,
+)
 from pipeline.extraction.plan import (
     ExtractError,
     plan_image_ids,
@@ -183,20 +190,36 @@ def _claim_store(
 
 
 def _detect_batch(
-    detector: RegionDetector, items: list[ImageItem], precision: str
+    detector: RegionDetector, items: list[ImageItem], precision: str, device: torch.device
 ) -> tuple[list[tuple[ImageItem, DetectedRegions]], list[tuple[ImageItem, Exception]]]:
-    """Run one padded batch; if it fails, retry image by image so one bad image cannot sink its batch."""
+    """Run one padded batch; if it fails, retry image by image so one bad image cannot sink its batch.
+
+    A sticky device fault is not an image's failure: it raises DeviceFaultError (the run stops, what it
+    finished stays stored) instead of marking every remaining image as failed.
+    """
     try:
         with torch.inference_mode():
-            results = detector.detect([item.image for item in items], precision=precision)
+            if all(item.prepared is not None for item in items):
+                results = detector.detect_prepared(  # type: ignore[attr-defined]
+                    [item.prepared for item in items], precision=precision
+                )
+            else:
+                results = detector.detect([item.image for item in items], precision=precision)
         return list(zip(items, results, strict=True)), []
     except Exception as exc:
+        fault = device_fault(exc, device)
+        if fault is not None:
+            raise DeviceFaultError(
+                f"{device}: device fault while extracting {items[0].image_id} ({len(items)} image(s) in the "
+                f"batch): {fault}. The run stopped; the images finished so far are stored, and rerunning the "
+                "same command on a working device resumes after them"
+            ) from exc
         if len(items) == 1:
             return [], [(items[0], exc)]
     done: list[tuple[ImageItem, DetectedRegions]] = []
     failed: list[tuple[ImageItem, Exception]] = []
     for item in items:
-        one_done, one_failed = _detect_batch(detector, [item], precision)
+        one_done, one_failed = _detect_batch(detector, [item], precision, device)
         done += one_done
         failed += one_failed
     return done, failed
@@ -224,11 +247,14 @@ def _extract_share(
     result = RankResult(rank=context.rank)
     if not image_ids:
         return result
+    device = context.device
     conversions: Counter[str] = Counter()
     warnings: Counter[str] = Counter()
     box_counts: list[int] = []
     loop_started = time.perf_counter()
-    dataset = ImageFileDataset(images_root, image_ids, settings.max_image_pixels, settings.exif)
+    dataset = ImageFileDataset(
+        images_root, image_ids, settings.max_image_pixels, settings.exif, prepare=preparer_of(detector)
+    )
     # One image at a time from the decoders (so that a stalled one becomes a "timeout" record and the run
     # goes on), `batch_size` at a time to the detector; workers decode two batches ahead, as before.
     items = decoded_items(
@@ -256,7 +282,9 @@ def _extract_share(
                     result.record_error(item.image_id, item.error_kind, item.error_reason, item.exception)
                 else:
                     decoded.append(item)
-            done, failed = _detect_batch(detector, decoded, settings.precision) if decoded else ([], [])
+            done, failed = (
+                _detect_batch(detector, decoded, settings.precision, device) if decoded else ([], [])
+            )
             for item, regions in done:
                 try:
                     record = to_record(item.image_id, item.image, regions, settings.feature_dtype)
