@@ -27,6 +27,10 @@ STAGE_MODULES = (
     "stages.train",
     "stages.evaluate",
     "stages.report",
+    "stages.explain",
+    "stages.index",
+    "stages.search",
+    "stages.serve",
     "stages.compare",
     "stages.seeds",
 )

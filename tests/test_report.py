@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.captions import write_captions
+from pipeline.captions import read_captions, write_captions
 from pipeline.errors import UserError
 from pipeline.metrics import (
     evaluate_protocol,
@@ -347,3 +347,54 @@ def test_objects_vocab_file_replaces_the_store_names(untrained_run: dict[str, Pa
             ReportParams(num_examples=1, top_k=3),
             dataset="sample",
         )
+
+
+def test_examples_tint_the_top_match_with_the_models_attention(tmp_path: Path) -> None:
+    """With the evaluated checkpoint at hand, each query's top image carries its attention heat map."""
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.build import create_model
+    from pipeline.report.examples import choose_examples
+    from pipeline.vocab import build_vocabulary
+
+    paths = _make_run(tmp_path / "run", untrained=False)
+    captions_path = paths["root"] / "test" / "captions.parquet"
+    vocab = build_vocabulary(read_captions(captions_path).captions, min_count=1)
+    vocab_path = vocab.save(tmp_path / "vocab.json")
+    torch.manual_seed(0)
+    model = create_model("scan_t2i_avg", vocab_size=len(vocab), img_dim=8, embed_size=16, word_dim=8)
+    save_checkpoint(
+        paths["train"] / "checkpoints" / "best",
+        model,
+        model_name="scan_t2i_avg",
+        model_config=model.config,
+        epoch=1,
+        vocab_path=vocab_path,
+    )
+    inputs = _inputs(paths, "sample", num_examples=1)
+    assert inputs.checkpoint_dir == paths["train"] / "checkpoints" / "best"
+    tinted = build_report(inputs, tmp_path / "tinted")
+    plain = build_report(dataclasses.replace(inputs, checkpoint_dir=None), tmp_path / "plain")
+    assert "tinted by the model's attention of the caption's words" in tinted.markdown.read_text()
+    assert "tinted by" not in plain.markdown.read_text()
+
+    with (
+        Image.open(tmp_path / "tinted" / "example_1.png") as a,
+        Image.open(tmp_path / "plain" / "example_1.png") as b,
+    ):
+        assert a.size == b.size
+        changed = np.any(np.asarray(a.convert("RGB")) != np.asarray(b.convert("RGB")), axis=2)
+    assert changed.sum() > 1000  # the heat map is drawn ...
+    captions = inputs.test_captions
+    example = choose_examples(
+        inputs.ranks["t2i"],
+        captions.captions,
+        captions.unique_image_ids,
+        count=1,
+        top_k=3,
+        captions_per_image=captions.captions_per_image,
+    )[0]
+    top_height = 90 + 10 * int(example.retrieved_image_ids[0][len("scene_") : -len(".jpg")])
+    first_tile_right = 12 + round(120 * 220 / top_height) + 2 * 6  # margin + picture + border
+    assert np.flatnonzero(changed.any(axis=0)).max() < first_tile_right  # ... on the top image only

@@ -371,6 +371,75 @@ def xattn_scores(
     return torch.cat(rows, dim=1)
 
 
+def xattn_scores_from_products(
+    products: Tensor,
+    image_gram: Tensor,
+    caption_gram: Tensor,
+    caption_lengths: Tensor | Sequence[int],
+    *,
+    direction: str,
+    raw_feature_norm: str,
+    agg: str,
+    lambda_softmax: float,
+    lambda_lse: float,
+    region_lengths: Tensor | Sequence[int] | None = None,
+) -> Tensor:
+    """The same score as `xattn_scores`, from the region-word dot products and Gram matrices alone.
+
+    SCAN's score never needs the vectors themselves, only every region . word product and the Gram matrix
+    of each image's regions and each caption's words (see the module docstring); vectors' norms are the
+    square roots of the Gram diagonals. This entry point is for callers that have those numbers another
+    way: a search index stands each region in by its k-means centroid, gathering products and Gram
+    matrices from small centroid tables, and so scores a thousand candidates without touching one vector.
+
+    `products` (n_images, regions, n_captions, words); `image_gram` (n_images, regions, regions);
+    `caption_gram` (n_captions, words, words). Padded entries may hold anything. One block, no autograd
+    promises beyond `xattn_scores`'; returns (n_images, n_captions) in float32 (float64 for float64).
+    """
+    options = XAttnOptions(direction, raw_feature_norm, agg, float(lambda_softmax), float(lambda_lse))
+    if products.dim() != 4 or image_gram.dim() != 3 or caption_gram.dim() != 3:
+        raise ValueError(
+            "products must be (images, regions, captions, words) and the Gram matrices 3-D, got "
+            f"{tuple(products.shape)}, {tuple(image_gram.shape)}, {tuple(caption_gram.shape)}"
+        )
+    n_img, n_regions, n_cap, n_words = products.shape
+    if image_gram.shape != (n_img, n_regions, n_regions) or caption_gram.shape != (n_cap, n_words, n_words):
+        raise ValueError(
+            f"Gram matrices {tuple(image_gram.shape)} and {tuple(caption_gram.shape)} do not fit products "
+            f"{tuple(products.shape)}"
+        )
+    compute_dtype = _compute_dtype(products.dtype)
+    device = products.device
+    cap_lens = _check_lengths("caption_lengths", caption_lengths, n_cap, n_words, device)
+    reg_lens = (
+        torch.full((n_img,), n_regions, dtype=torch.long, device=device)
+        if region_lengths is None
+        else _check_lengths("region_lengths", region_lengths, n_img, n_regions, device)
+    )
+    sides: list[_Side] = []
+    for gram, lengths in ((image_gram, reg_lens), (caption_gram, cap_lens)):
+        pad = _padding_mask(lengths, gram.shape[1])
+        gram = gram.to(compute_dtype)
+        if pad is not None:
+            gram = gram.masked_fill(pad[:, :, None] | pad[:, None, :], 0.0)
+        norms = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0.0).sqrt()
+        sides.append(_Side(vectors=gram, pad=pad, lengths=lengths, norms=norms, gram=gram))
+    image_side, caption_side = sides
+    raw = products.to(compute_dtype)
+    for pad, view in (
+        (image_side.pad, (slice(None), slice(None), None, None)),
+        (caption_side.pad, (None, None)),
+    ):
+        if pad is not None:
+            raw = raw.masked_fill(pad[view], 0.0)
+    context, query = _context_and_query(options.direction, image_side, caption_side)
+    if options.direction != "t2i":  # context-major: (captions, words, images, regions)
+        raw = raw.permute(2, 3, 0, 1).contiguous()
+    with torch.autocast(device.type, enabled=False):
+        relevance, _ = _relevance_from_scores(raw, context, query, options, keep_attention=False)
+        return _orient(_aggregate(relevance, query, options.agg, options.lambda_lse), options.direction)
+
+
 @dataclass(frozen=True)
 class XAttnIntermediates:
     """Per-query relevance and attention of every pair, NaN where a query or context item is padding.

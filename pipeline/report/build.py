@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import write_text_atomic
+from pipeline.errors import UserError
 from pipeline.params import ReportParams
 from pipeline.report.chance import DIRECTIONS, RECALL_KS, chance_curve, recall_curve
 from pipeline.report.document import Block, Figure, Page, Section, render_page
@@ -35,7 +36,9 @@ from pipeline.report.sections import (
 )
 
 if TYPE_CHECKING:
+    from pipeline.report.examples import RetrievalExample
     from pipeline.spread import RunSet
+    from pipeline.store import RegionRecord
 
 RECALL_CURVE_MAX_K = 100
 
@@ -93,8 +96,49 @@ def _training_section(inputs: ReportInputs, out: Path) -> Section:
     )
 
 
+def _top_match_heats(
+    inputs: ReportInputs, examples: list[RetrievalExample], regions: Mapping[str, RegionRecord]
+) -> tuple[list[np.ndarray | None], str]:
+    """The evaluated checkpoint's per-region weights for each query's top image, and a sentence saying what
+    they are; without a checkpoint none, and a checkpoint that cannot explain (its vocabulary or BERT gone)
+    leaves the examples untinted with the reason instead of failing the report."""
+    none: list[np.ndarray | None] = [None] * len(examples)
+    if inputs.checkpoint_dir is None:
+        return none, ""
+    from pipeline.explain import ExplainError, load_explainer
+
+    tokenize = inputs.params.tokenize
+    try:
+        explainer = load_explainer(
+            inputs.checkpoint_dir,
+            bert=tokenize.bert,
+            max_words=tokenize.max_words,
+            text_dtype=tokenize.text_feature_dtype,
+        )
+    except UserError as exc:
+        return none, f"No attention heat maps ({inputs.checkpoint_dir}): {exc}"
+    heats: list[np.ndarray | None] = []
+    label = ""
+    for example in examples:
+        top = regions.get(example.retrieved_image_ids[0]) if example.retrieved_image_ids else None
+        try:  # a caption of unknown words only has nothing to show: that example stays untinted
+            explanation = None if top is None else explainer.explain(top, example.caption)
+        except ExplainError:
+            explanation = None
+        heats.append(None if explanation is None else explanation.region_weights())
+        label = label or (explanation.region_weights_label if explanation is not None else "")
+    if not label:
+        return heats, ""
+    return heats, (
+        f"The top image of each query is tinted by the model's {label} (brighter is more, scaled to the "
+        "image's largest weight; where boxes overlap the larger weight wins). `scan-pipe explain` shows "
+        "the full attention of a pair."
+    )
+
+
 def _examples_section(inputs: ReportInputs, out: Path) -> Section:
-    """A few caption queries drawn with their top-k images, boxes and the ground truth marked."""
+    """A few caption queries drawn with their top-k images, boxes and the ground truth marked; the top image
+    tinted by the evaluated model's attention when its checkpoint is at hand."""
     title = "Retrieval examples"
     captions = inputs.test_captions
     top_k = inputs.settings.top_k
@@ -115,14 +159,19 @@ def _examples_section(inputs: ReportInputs, out: Path) -> Section:
     wanted = sorted({i for e in examples for i in (*e.retrieved_image_ids, e.gt_image_id)})
     stored = [image_id for image_id in wanted if image_id in inputs.store]
     regions = {record.image_id: record for record in inputs.store.read(stored)}
+    heats, heat_note = _top_match_heats(inputs, examples, regions)
     blocks: list[Block] = [
         f"Caption queries and their top {top_k} images (best first), with the {BOXES_DRAWN} most confident "
         "region boxes drawn and labelled; the ground-truth image is framed green (appended with its rank "
         "when it is not among the top images)."
     ]
-    for number, example in enumerate(examples, start=1):
+    if heat_note:
+        blocks.append(heat_note)
+    for number, (example, heat) in enumerate(zip(examples, heats, strict=True), start=1):
         name = f"example_{number}.png"
-        draw_retrieval_example(example, inputs.images_root, regions, out / name, inputs.object_names)
+        draw_retrieval_example(
+            example, inputs.images_root, regions, out / name, inputs.object_names, top_heat=heat
+        )
         verdict = "found at rank 1" if example.gt_rank == 0 else f"ground truth at rank {example.gt_rank + 1}"
         blocks.append(Figure(name, f'Query {example.caption_index}: "{example.caption}" ({verdict})'))
     return Section(title, blocks)

@@ -1,7 +1,8 @@
 """Retrieval examples: caption queries and their best images, region boxes drawn, the ground truth framed.
 
 They show what the numbers mean: whether the retrieved images fit the caption, and whether the detector's
-boxes sit on objects at all (an untrained detector's boxes do not).
+boxes sit on objects at all (an untrained detector's boxes do not). Given the model's per-region weights for
+the top match (`pipeline.explain`), its tile is tinted by them: where the caption's attention went.
 """
 
 from __future__ import annotations
@@ -98,8 +99,10 @@ def _draw_tile(
     header: str,
     is_ground_truth: bool,
     object_names: Sequence[str] | None,
+    heat: np.ndarray | None = None,
 ) -> Any:
-    """One retrieved image scaled to the tile height, its top boxes drawn, framed green if ground truth."""
+    """One retrieved image scaled to the tile height, tinted by `heat` (one weight per region) when given,
+    its top boxes drawn, framed green if ground truth."""
     from PIL import Image, ImageDraw
 
     height = TILE_HEIGHT
@@ -114,6 +117,10 @@ def _draw_tile(
         regions = None
     scale = height / picture.height
     picture = picture.resize((max(1, round(picture.width * scale)), height))
+    if heat is not None and regions is not None and len(heat) == len(regions.boxes):
+        from pipeline.explain_render import blend_heat
+
+        picture = blend_heat(picture, np.asarray(regions.boxes, dtype=np.float64) * scale, heat)
     draw = ImageDraw.Draw(picture)
     if regions is not None and len(regions.boxes):
         order = (
@@ -150,15 +157,20 @@ def draw_retrieval_example(
     regions: Mapping[str, RegionRecord],
     path: Path,
     object_names: Sequence[str] | None = None,
+    top_heat: np.ndarray | None = None,
 ) -> None:
-    """A PNG: the query caption on top, its top-k images below with boxes, the ground truth framed green."""
+    """A PNG: the query caption on top, its top-k images below with boxes, the ground truth framed green;
+    `top_heat` (one weight per region of the top image) tints the top image."""
     from PIL import Image, ImageDraw
 
     tiles = []
     for position, image_id in enumerate(example.retrieved_image_ids):
         is_gt = image_id == example.gt_image_id
         header = f"#{position + 1}{' GT' if is_gt else ''}  {Path(image_id).name}"
-        tiles.append(_draw_tile(images_root / image_id, regions.get(image_id), header, is_gt, object_names))
+        heat = top_heat if position == 0 else None
+        tiles.append(
+            _draw_tile(images_root / image_id, regions.get(image_id), header, is_gt, object_names, heat)
+        )
     if example.gt_image_id not in example.retrieved_image_ids:
         gt_id = example.gt_image_id
         header = f"GT, rank {example.gt_rank + 1}  {Path(gt_id).name}"

@@ -82,6 +82,7 @@ class ReportInputs:
     split_sizes: Sequence[SplitSize] = ()
     training_log: Sequence[EpochRecord] = ()
     checkpoint: Mapping[str, Any] = field(default_factory=dict)  # checkpoint.json of the evaluated model
+    checkpoint_dir: Path | None = None  # its folder, when present: the examples' attention heat maps
     ranks: Mapping[str, QueryRanks] | None = None
     sources: Mapping[str, str] = field(default_factory=dict)  # label -> path, listed in the report
     object_vocabulary: Sequence[str] | None = None  # a user's objects_vocab.txt lines, else the store's
@@ -174,12 +175,14 @@ def load_inputs(
     sources_shown = {"metrics": metrics_path, "features": sources.features, "captions": sources.captions}
     training_log: list[EpochRecord] = []
     checkpoint: dict[str, Any] = {}
+    checkpoint_dir: Path | None = None
     if sources.train_dir is not None:
         log_path = sources.train_dir / "metrics.jsonl"
         training_log = read_training_log(log_path)
         sources_shown["training log"] = log_path
         checkpoint_json = sources.train_dir / "checkpoints" / "best" / "checkpoint.json"
-        checkpoint = read_json_file(checkpoint_json) if checkpoint_json.is_file() else {}
+        if checkpoint_json.is_file():
+            checkpoint, checkpoint_dir = read_json_file(checkpoint_json), checkpoint_json.parent
     if sources.params is not None:
         sources_shown["params"] = sources.params
     spread_runs = None
@@ -199,6 +202,7 @@ def load_inputs(
         split_sizes=_split_sizes(sources.splits, test_captions, sources.captions),
         training_log=training_log,
         checkpoint=checkpoint,
+        checkpoint_dir=checkpoint_dir,
         ranks=read_ranks(ranks_path) if ranks_path.exists() else None,
         sources={label: str(path) for label, path in sources_shown.items()},
         object_vocabulary=(
