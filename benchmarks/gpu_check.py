@@ -45,6 +45,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.host_info import cpu_name  # noqa: E402
+
 SCRIPT = Path(__file__).resolve()
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "gpu_check_out"
 TOTAL_BUDGET_S = {"cuda": 470.0, "cpu": 290.0}  # whole run: under 8 minutes on a GPU, ~5 on a CPU
@@ -75,21 +79,11 @@ class Environment:
         return "cuda" if self.cuda else "cpu"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def probe_environment(force_cpu: bool = False) -> Environment:
     """Ask torch what is here; never raises (a broken CUDA install reads as "no CUDA", with the reason)."""
     import torch
 
-    host = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    host = f"{cpu_name()}, {os.cpu_count()} CPUs"
     cuda, reason, name = False, "", "CPU only"
     try:
         if force_cpu:

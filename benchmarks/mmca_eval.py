@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.host_info import cpu_name
 from pipeline.models.mmca import MMCA, MMCAConfig, load_reference_weights, reference_weight_shapes
 
 FLICKR = (1000, 5000)  # images, captions of the Flickr30K 1K test split (the --scale base)
@@ -199,16 +199,6 @@ def random_inputs(
 
 
 # ---- reporting ---------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -300,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.dtype}, device={device}, threads={torch.get_num_threads()}, "
         f"block={block_size or 'default'}; per-pair loop on {loop_images} x {loop_captions} pairs"
     )
-    host = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    host = f"{cpu_name()}, {os.cpu_count()} CPUs"
     if device.type == "cuda":
         host = f"{torch.cuda.get_device_name(device)} (TF32 off), host {host}"
     console.print(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.host_info import cpu_name
 from pipeline.models.config import RAW_FEATURE_NORMS
 from pipeline.models.xattn import xattn_scores
 
@@ -119,16 +119,6 @@ def _random_inputs(
     return images.to(device), captions.to(device), lengths.to(device)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -178,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         f"norm={args.raw_feature_norm}, agg={args.agg}"
     )
     console.print(
-        f"host: {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"host: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
     # Fast and loop runs alternate in rounds (fast on a slice of the captions, then the loop on its share of

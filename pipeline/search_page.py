@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -149,9 +150,15 @@ def _records(searcher: Searcher, ids: list[str]) -> dict[str, RegionRecord]:
 
 
 def render_search_page(
-    result: SearchResult, searcher: Searcher, *, images_dir: str | Path | None = None, explain: bool = True
+    result: SearchResult,
+    searcher: Searcher,
+    *,
+    images_dir: str | Path | None = None,
+    explain: bool = True,
+    header: str = "",
 ) -> str:
-    """The HTML page of `result` (see the module docstring)."""
+    """The HTML page of `result` (see the module docstring); `header` is trusted HTML put above it (the
+    query form of `scan-pipe serve`)."""
     root = Path(images_dir) if images_dir is not None else None
     if root is not None and not root.is_dir():
         raise SearchPageError(f"{root}: images folder not found")
@@ -199,7 +206,9 @@ def render_search_page(
         undefined=jinja2.StrictUndefined,
     )
     template = environment.get_template("search.html.j2")
-    return template.render(result=result, cards=cards, notes=notes, query_image=query_image)
+    return template.render(
+        result=result, cards=cards, notes=notes, query_image=query_image, header=markupsafe.Markup(header)
+    )
 
 
 def write_search_page(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -146,8 +145,9 @@ def create_app(
         except _ClientError as problem:
             body = f'<div class="callout error">{html.escape(problem.message)}</div>'
             return HTMLResponse(_page("scan-pipe search: bad query", body, form), status_code=problem.status)
-        page = render_search_page(result, searcher, images_dir=images_dir, explain=explain)
-        return HTMLResponse(page.replace("<body>", "<body>" + form, 1))
+        return HTMLResponse(
+            render_search_page(result, searcher, images_dir=images_dir, explain=explain, header=form)
+        )
 
     @app.get("/api/search")
     def api_search(
@@ -160,7 +160,7 @@ def create_app(
             result = answer(q, image, k, top)
         except _ClientError as problem:
             return JSONResponse({"detail": problem.message}, status_code=problem.status)
-        return JSONResponse(_json_ready(result.to_json()))
+        return JSONResponse(result.to_json())
 
     return app
 
@@ -172,19 +172,6 @@ class _ClientError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _json_ready(value: Any) -> Any:
-    """numpy scalars and paths as plain JSON values."""
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def serve(

@@ -16,6 +16,7 @@ Order of work, each step skipped when its output exists (every output is written
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from pipeline.index.meta import (
 from pipeline.index.residuals import default_subspaces, encode_shards, train_codebooks
 from pipeline.index.shards import ShardSet, remove_stale_staging, shard_count, shard_exists, write_shard
 from pipeline.index.tokens import TOKENS_DIR, assign_shards, build_image_lists, save_array
-from pipeline.loaders import open_feature_table, tokenize_captions
+from pipeline.loaders import TokenizedCaptions, open_feature_table, tokenize_captions
 from pipeline.models.registry import model_family
 from pipeline.progress import progress_bar
 from pipeline.vocab import load_vocabulary
@@ -106,6 +107,34 @@ def _start(out: Path, wanted: IndexMeta) -> IndexMeta:
     return wanted
 
 
+def _write_shards(
+    out: Path,
+    side: str,
+    count: int,
+    shard_size: int,
+    encode: Callable[[int, int], tuple[np.ndarray, np.ndarray, dict[str, list]]],
+    report: BuildReport,
+    bar: Progress,
+    on_shard: ShardHook | None,
+) -> None:
+    """Every missing shard of one side, encoded by `encode(start, stop)` and written atomically; shards a
+    killed build finished are reused (the resume)."""
+    root = out / side
+    remove_stale_staging(root)
+    task = bar.add_task(f"encode {side}", total=count, info="")
+    for shard in range(shard_count(count, shard_size)):
+        start, stop = shard * shard_size, min((shard + 1) * shard_size, count)
+        if shard_exists(root, shard):
+            report.reused[side] = report.reused.get(side, 0) + 1
+        else:
+            embeddings, lengths, items = encode(start, stop)
+            write_shard(root, shard, embeddings, lengths, items)
+            report.written[side] = report.written.get(side, 0) + 1
+            if on_shard is not None:
+                on_shard(side, shard)
+        bar.update(task, advance=stop - start, info=f"shard {shard}")
+
+
 def _encode_images(
     model: nn.Module,
     table: RegionFeatureTable,
@@ -118,28 +147,19 @@ def _encode_images(
     bar: Progress,
     on_shard: ShardHook | None,
 ) -> None:
-    root = out / IMAGES
-    remove_stale_staging(root)
-    task = bar.add_task("encode images", total=meta.num_images, info="")
-    for shard in range(shard_count(meta.num_images, meta.shard_size)):
-        rows = np.arange(shard * meta.shard_size, min((shard + 1) * meta.shard_size, meta.num_images))
-        if shard_exists(root, shard):
-            report.reused[IMAGES] = report.reused.get(IMAGES, 0) + 1
-        else:
-            embeddings, lengths = encode_image_rows(
-                model,
-                table,
-                rows,
-                global_embedding=meta.kind == "global",
-                batch_size=batch_size,
-                device=device,
-            )
-            ids = [table.image_id(int(row)) for row in rows]
-            write_shard(root, shard, embeddings, lengths, {"ids": ids})
-            report.written[IMAGES] = report.written.get(IMAGES, 0) + 1
-            if on_shard is not None:
-                on_shard(IMAGES, shard)
-        bar.update(task, advance=len(rows), info=f"shard {shard}")
+    def encode(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict[str, list]]:
+        rows = np.arange(start, stop)
+        embeddings, lengths = encode_image_rows(
+            model,
+            table,
+            rows,
+            global_embedding=meta.kind == "global",
+            batch_size=batch_size,
+            device=device,
+        )
+        return embeddings, lengths, {"ids": [table.image_id(int(row)) for row in rows]}
+
+    _write_shards(out, IMAGES, meta.num_images, meta.shard_size, encode, report, bar, on_shard)
 
 
 def _encode_captions(
@@ -155,35 +175,29 @@ def _encode_captions(
     bar: Progress,
     on_shard: ShardHook | None,
 ) -> None:
-    root = out / CAPTIONS
-    remove_stale_staging(root)
-    task = bar.add_task("encode captions", total=meta.num_captions, info="")
-    tokens = bert = None
-    for shard in range(shard_count(meta.num_captions, meta.shard_size)):
-        start, stop = shard * meta.shard_size, min((shard + 1) * meta.shard_size, meta.num_captions)
-        if shard_exists(root, shard):
-            report.reused[CAPTIONS] = report.reused.get(CAPTIONS, 0) + 1
+    @functools.cache
+    def bert() -> BertReader:  # loaded once, when a shard needs it
+        return BertReader.for_checkpoint(info, device)
+
+    @functools.cache
+    def tokens() -> TokenizedCaptions:  # every caption tokenized once, when a shard needs them
+        if info.vocab_path is None:
+            raise SearchIndexError(f"{info.path}: checkpoint has no vocabulary for the captions")
+        vocab = load_vocabulary(info.vocab_path, info.tokenizer)
+        return tokenize_captions(captions.captions, vocab, source=info.vocab_path)
+
+    def encode(start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict[str, list]]:
+        texts = captions.captions[start:stop]
+        if meta.kind == "global":
+            embeddings = encode_bert_captions(model, bert(), texts, batch_size=batch_size, device=device)
+            lengths = np.ones(len(texts), dtype=np.int32)
         else:
-            texts = captions.captions[start:stop]
-            if meta.kind == "global":
-                bert = bert or BertReader.for_checkpoint(info, device)
-                embeddings = encode_bert_captions(model, bert, texts, batch_size=batch_size, device=device)
-                lengths = np.ones(len(texts), dtype=np.int32)
-            else:
-                if tokens is None:
-                    if info.vocab_path is None:
-                        raise SearchIndexError(f"{info.path}: checkpoint has no vocabulary for the captions")
-                    vocab = load_vocabulary(info.vocab_path, info.tokenizer)
-                    tokens = tokenize_captions(captions.captions, vocab, source=info.vocab_path)
-                embeddings, lengths = encode_word_captions(
-                    model, slice_tokens(tokens, start, stop), batch_size=batch_size, device=device
-                )
-            items = {"ids": captions.image_ids[start:stop], "captions": texts}
-            write_shard(root, shard, embeddings, lengths, items)
-            report.written[CAPTIONS] = report.written.get(CAPTIONS, 0) + 1
-            if on_shard is not None:
-                on_shard(CAPTIONS, shard)
-        bar.update(task, advance=stop - start, info=f"shard {shard}")
+            embeddings, lengths = encode_word_captions(
+                model, slice_tokens(tokens(), start, stop), batch_size=batch_size, device=device
+            )
+        return embeddings, lengths, {"ids": captions.image_ids[start:stop], "captions": texts}
+
+    _write_shards(out, CAPTIONS, meta.num_captions, meta.shard_size, encode, report, bar, on_shard)
 
 
 @dataclass
