@@ -30,9 +30,10 @@ with the code length: 16 bytes at d = 128, 32 at d = 1024). Build time scales wi
 assignment and residual encoding (rows x nlist x d), and the shards' size with d exactly.
 
 Each gallery size is generated, built and queried in its own subprocesses; peak RSS is `ru_maxrss` of the
-build and of the query process (the page cache of the memory-mapped files is not counted).
+build and of the query process, which counts the touched pages of the memory-mapped shards and codes (page
+cache, reclaimable); the query process's anonymous memory (RssAnon) after the queries is reported too.
 
-    python3 benchmarks/search_scale.py [--sizes 10000 100000 1000000] [--dim 128] [--nlist-1m 4096]
+    python3 benchmarks/search_scale.py [--sizes 10000 100000 1000000] [--dim 128] [--nlist-1m N]
 """
 
 from __future__ import annotations
@@ -68,7 +69,16 @@ K = 128
 
 
 def peak_rss_mib() -> float:
+    """Peak resident set (ru_maxrss): counts the touched pages of memory-mapped files too."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_anon_mib() -> float:
+    """Anonymous resident memory now (the process's own allocations, no file pages)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
 def _vectors(seed: int, count: int, dim: int) -> np.ndarray:
@@ -223,6 +233,7 @@ def step_query(workdir: Path, size: int, dim: int, concepts_n: int, queries: int
         "word_centroid_ms_median": float(np.median(scores_ms)),
         "source_in_shortlist": found / queries,
         "query_peak_rss_mib": peak_rss_mib(),
+        "query_rss_anon_mib": rss_anon_mib(),
     }
 
 
@@ -326,9 +337,10 @@ def markdown(report: dict[str, Any]) -> str:
     add("float16 shards on disk", lambda r: f"{r['shards_bytes'] / mib:,.0f} MiB")
     add("index (centroids, codes, residual codes, lists)", lambda r: f"{r['index_bytes'] / mib:,.1f} MiB")
     add(
-        "peak RSS build / query",
+        "peak RSS build / query (incl. mapped files)",
         lambda r: f"{r['build_peak_rss_mib']:,.0f} / {r['query_peak_rss_mib']:,.0f} MiB",
     )
+    add("query process anonymous memory", lambda r: f"{r['query_rss_anon_mib']:,.0f} MiB")
     add("open index (s)", lambda r: f"{r['open_s']:.2f} s")
     add(
         "shortlist ms (median / p90)",
@@ -350,7 +362,7 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=8192)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument(
-        "--nlist-1m", type=int, default=4096, help="centroids at >= 1M images (0: the default rule)"
+        "--nlist-1m", type=int, default=0, help="centroids at >= 1M images (0: the default rule, 4,096 there)"
     )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")

@@ -362,18 +362,20 @@ def encode_and_score(
         return _pair_model_scores(
             model, inputs, block_size=block_size, device=target, progress=None, keep_tasks=True
         )
-    positions = torch.arange(max(n_images, n_captions))
+    # Each side's positions are its own rows: a last partial batch must carry as many positions as rows.
     image_batches = (
         ImageBatch(
             region_features[i : i + batch_size],
             region_lengths[i : i + batch_size],
-            positions[i : i + batch_size],
+            torch.arange(i, min(i + batch_size, n_images)),
         )
         for i in range(0, n_images, batch_size)
     )
     caption_batches = (
         CaptionBatch(
-            token_ids[i : i + batch_size], caption_lengths[i : i + batch_size], positions[i : i + batch_size]
+            token_ids[i : i + batch_size],
+            caption_lengths[i : i + batch_size],
+            torch.arange(i, min(i + batch_size, n_captions)),
         )
         for i in range(0, n_captions, batch_size)
     )

@@ -4,21 +4,17 @@ Thumbnails come from the images folder (`--images`; the image id is the path bel
 boxes drawn from the feature store; without the folder, a grey canvas of the image's size stands in, and
 the page says so. Images are embedded as data URIs, so the page travels alone.
 
-Heat maps are `pipeline.explain`'s job: `ExplainAdapter` calls `explain_pair` (the scorer's own attention
-for the pair) and tints the thumbnail with `pipeline.explain_render.blend_heat` by the explanation's
-`region_weights()`. When those modules are not importable, or a call fails (they are developed separately),
-the cards show boxes only and the page says why.
+Heat maps are `pipeline.explain`'s job: `HeatMaps` calls `explain_pair` (the scorer's own attention for
+the pair) and tints the thumbnail with `pipeline.explain_render.blend_heat` by the explanation's
+`region_weights()`.
 """
 
 from __future__ import annotations
 
 import base64
-import importlib
 import io
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import markupsafe
@@ -27,6 +23,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import UserError
+from pipeline.explain import CaptionReader, caption_reader, explain_pair
+from pipeline.explain_render import blend_heat
 from pipeline.search import Searcher, SearchResult
 from pipeline.store import RegionRecord
 
@@ -82,34 +80,24 @@ def with_boxes(picture: Image.Image, record: RegionRecord | None) -> Image.Image
     return shown
 
 
-class ExplainAdapter:
-    """`pipeline.explain.explain_pair` + `pipeline.explain_render.blend_heat`, when importable; `reason`
-    says why there are no heat maps otherwise."""
+class HeatMaps:
+    """Each result's thumbnail tinted by the pair's attention per region: `explain_pair` (the scorer's own
+    attention) and `blend_heat`; `reason` says why a result has none (e.g. a caption of unknown words)."""
 
     def __init__(self, searcher: Searcher) -> None:
         self.searcher = searcher
         self.reason = ""
-        self._reader: Any = None
-        try:
-            explain = importlib.import_module("pipeline.explain")
-            render = importlib.import_module("pipeline.explain_render")
-            self._explain_pair: Callable[..., Any] = explain.explain_pair
-            self._caption_reader: Callable[..., Any] = explain.caption_reader
-            self._blend: Callable[..., Any] = render.blend_heat
-            self.available = True
-        except (ImportError, AttributeError) as exc:
-            self.available = False
-            self.reason = f"heat maps unavailable (pipeline.explain: {exc}): boxes only"
+        self._reader: CaptionReader | None = None
 
     def heat_map(self, record: RegionRecord | None, caption: str, picture: Image.Image) -> Image.Image | None:
-        """The thumbnail tinted by the pair's attention per region, or None (then `reason` says why)."""
-        if not self.available or record is None:
+        """The tinted thumbnail, or None (then `reason` says why)."""
+        if record is None:
             return None
         searcher = self.searcher
+        if self._reader is None:
+            self._reader = caption_reader(searcher.index.info, device=searcher.device)
         try:
-            if self._reader is None:
-                self._reader = self._caption_reader(searcher.index.info, device=searcher.device)
-            explanation = self._explain_pair(
+            explanation = explain_pair(
                 searcher.model,
                 searcher.index.info,
                 record.features,
@@ -119,12 +107,10 @@ class ExplainAdapter:
                 image_size=(record.image_w, record.image_h),
                 device=searcher.device,
             )
-            return self._blend(picture, _box_scale(record, picture), explanation.region_weights())
         except UserError as exc:
             self.reason = f"no heat map for some results ({exc})"
-        except Exception as exc:  # another module's code, developed separately: degrade to boxes
-            self.reason = f"heat maps failed ({type(exc).__name__}: {exc}): boxes only"
-        return None
+            return None
+        return blend_heat(picture, _box_scale(record, picture), explanation.region_weights())
 
 
 @dataclass
@@ -162,7 +148,7 @@ def render_search_page(
     root = Path(images_dir) if images_dir is not None else None
     if root is not None and not root.is_dir():
         raise SearchPageError(f"{root}: images folder not found")
-    adapter = ExplainAdapter(searcher) if explain else None
+    heat_maps = HeatMaps(searcher) if explain else None
     image_query = result.target == "captions"
     ids = [result.query["image_id"]] if image_query else [hit.image_id for hit in result.hits]
     records = _records(searcher, ids)
@@ -182,8 +168,8 @@ def render_search_page(
         record = records.get(image_id)
         picture, note = picture_of(record, root / image_id if root else None)
         heat = None
-        if adapter is not None and picture is not None:
-            heat = adapter.heat_map(record, hit.caption if image_query else result.query["text"], picture)
+        if heat_maps is not None and picture is not None:
+            heat = heat_maps.heat_map(record, hit.caption if image_query else result.query["text"], picture)
         shown = None if image_query or picture is None else _data_uri(with_boxes(picture, record))
         cards.append(
             Card(
@@ -198,8 +184,8 @@ def render_search_page(
                 note=note,
             )
         )
-    if adapter is not None and adapter.reason:
-        notes.append(adapter.reason)
+    if heat_maps is not None and heat_maps.reason:
+        notes.append(heat_maps.reason)
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("pipeline", "templates"),
         autoescape=True,

@@ -31,7 +31,7 @@ def build_command(
         None, "--captions", help="captions.parquet to index too, for image-to-text search (`--image`)."
     ),
     nlist: int | None = typer.Option(
-        None, "--nlist", help="SCAN: region centroids (default: power of two <= 2 sqrt(regions))."
+        None, "--nlist", help="SCAN: region centroids (default: 2^k <= 2 sqrt(regions), at most 4,096)."
     ),
     batch_size: int = typer.Option(128, "--batch-size", help="Images/captions per encoder call."),
     device: str = typer.Option("auto", "--device", help="Encoder device: auto, cpu, cuda."),

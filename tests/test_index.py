@@ -248,4 +248,5 @@ def test_cli_index_build(data: SyntheticDataset, checkpoint: Path, tmp_path: Pat
 def test_centroid_count_rule() -> None:
     from pipeline.index.kmeans import default_nlist
 
-    assert [default_nlist(rows) for rows in (0, 300, 18_000, 144_000, 36_000_000)] == [1, 4, 256, 512, 8192]
+    rows = (0, 300, 18_000, 144_000, 9_000_000, 36_000_000)
+    assert [default_nlist(count) for count in rows] == [1, 4, 256, 512, 4096, 4096]

@@ -252,3 +252,16 @@ def test_model_options_are_validated_by_the_models_config_only() -> None:
         TrainParams(raw_feature_norm="l3norm")
     with pytest.raises(ValidationError, match=r"unknown model 'scan_x'"):
         TrainParams(model="scan_x")
+
+
+@pytest.mark.parametrize(("n_images", "n_captions"), [(5, 2), (2, 5)])
+def test_encode_and_score_with_unequal_sides_matches_the_forward_pass(n_images: int, n_captions: int) -> None:
+    """More images than captions or the reverse, with partial last batches: every score in its own cell."""
+    torch.manual_seed(0)
+    model = create_model("scan_t2i_avg", **SMALL)
+    features, token_ids, lengths = _batch()
+    features, token_ids, lengths = features[:n_images], token_ids[:n_captions], lengths[:n_captions]
+    scores = encode_and_score(model, features, token_ids, lengths, batch_size=4)
+    assert scores.shape == (n_images, n_captions)
+    with torch.no_grad():
+        torch.testing.assert_close(scores, model.eval()(features, None, token_ids, lengths))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,14 +105,8 @@ def test_stored_embeddings_score_like_evaluation(searcher: Searcher, data: Synth
         [torch.from_numpy(np.array(table.features(i), dtype=np.float32)) for i in range(len(table))]
     )
     tokens = tokenize_captions(["dog with a cat"], Vocabulary.load(data.vocab_path))
-    # batch_size=1: encode_and_score mislabels caption batches when captions are fewer than images
     reference = encode_and_score(
-        searcher.model,
-        regions,
-        tokens.item(0)[None],
-        torch.tensor([len(tokens.item(0))]),
-        region_lengths,
-        batch_size=1,
+        searcher.model, regions, tokens.item(0)[None], torch.tensor([len(tokens.item(0))]), region_lengths
     )[:, 0]
     result = searcher.text("dog with a cat", SearchOptions(k=len(table), top=len(table)))
     by_position = np.empty(len(table))
@@ -334,21 +328,51 @@ def test_cli_search_refuses_other_checkpoint_and_empty_dirs(
     assert result.exit_code == 1 and "not a search index" in output
 
 
-def test_the_page_degrades_to_boxes_without_the_explain_modules(
+def test_the_heat_map_is_the_pairs_own_attention(searcher: Searcher, tmp_path: Path) -> None:
+    """A card's heat map is `blend_heat` of `explain_pair`'s region weights for that result and the query."""
+    from pipeline.explain import caption_reader, explain_pair
+    from pipeline.explain_render import blend_heat
+    from pipeline.search_page import HeatMaps, _box_scale, picture_of
+
+    result = searcher.text("dog with a cat", SearchOptions(k=8, top=2))
+    stored = next(iter(searcher.index.store.read([result.hits[0].image_id])))
+    # the synthetic store's boxes all cover the image: give each region its own strip, so weights show
+    count, width = len(stored.boxes), stored.image_w
+    strips = [[i * width / count, 0, (i + 1) * width / count - 1, stored.image_h - 1] for i in range(count)]
+    record = dataclasses.replace(stored, boxes=np.array(strips, dtype=np.float32))
+    picture, _ = picture_of(record, None)
+    assert picture is not None
+    shown = HeatMaps(searcher).heat_map(record, "dog with a cat", picture)
+    explanation = explain_pair(
+        searcher.model,
+        searcher.index.info,
+        record.features,
+        record.boxes,
+        "dog with a cat",
+        reader=caption_reader(searcher.index.info, device=searcher.device),
+        image_size=(record.image_w, record.image_h),
+        device=searcher.device,
+    )
+    expected = blend_heat(picture, _box_scale(record, picture), explanation.region_weights())
+    assert shown is not None and np.array_equal(np.asarray(shown), np.asarray(expected))
+    other = blend_heat(picture, _box_scale(record, picture), explanation.region_weights()[::-1].copy())
+    assert not np.array_equal(np.asarray(shown), np.asarray(other))  # the weights decide the picture
+
+
+def test_a_pair_without_a_heat_map_leaves_boxes_and_says_why(
     searcher: Searcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from pipeline.errors import UserError
     from pipeline.search_page import write_search_page
 
     result = searcher.text("dog", SearchOptions(k=8, top=3))
-    monkeypatch.setitem(sys.modules, "pipeline.explain", None)  # importing it now raises ImportError
     page = write_search_page(result, searcher, tmp_path / "p.html").read_text()
-    assert "attention heat map of" not in page and page.count(" with its boxes") == 3
-    assert "heat maps unavailable (pipeline.explain:" in page and "boxes only" in page
-    monkeypatch.undo()
+    assert page.count("attention heat map of") == 3
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("not today")
+    def refused(*args, **kwargs):
+        raise UserError("caption 'zzz' has no known word")
 
-    monkeypatch.setattr("pipeline.explain.explain_pair", broken)
+    monkeypatch.setattr("pipeline.search_page.explain_pair", refused)
     page = write_search_page(result, searcher, tmp_path / "q.html").read_text()
-    assert "heat maps failed (RuntimeError: not today): boxes only" in page
+    assert "attention heat map of" not in page and page.count(" with its boxes") == 3
+    assert "no heat map for some results (caption &#39;zzz&#39; has no known word)" in page

@@ -18,6 +18,10 @@ import numpy as np
 MIN_POINTS_PER_CENTROID = 40
 MAX_SAMPLE_ROWS = 262_144
 KMEANS_ITERATIONS = 20
+# The rule's 8,192 at 1M images would double the build's exact assignment (rows x nlist x d, 418 s at
+# 4,096 on 2 cores) and the per-query words x centroids product, for shorter lists to probe; at 4,096 a 1M
+# query takes 64 ms (benchmarks/search_scale.py). Past a few million images, pass `--nlist` for more.
+MAX_DEFAULT_NLIST = 4096
 _ASSIGN_CHUNK = 65_536
 
 
@@ -35,14 +39,15 @@ def num_gpus() -> int:
 
 
 def default_nlist(rows: int) -> int:
-    """Centroids for `rows` embeddings: the power of two at or below 2 sqrt(rows), with >= 40 rows each.
+    """Centroids for `rows` embeddings: the power of two at or below 2 sqrt(rows), with >= 40 rows each,
+    at most `MAX_DEFAULT_NLIST`.
 
-    e.g. 144k regions (4k images x 36) -> 512, 36M regions (1M images) -> 8,192.
+    e.g. 144k regions (4k images x 36) -> 512, 36M regions (1M images) -> 4,096 (the cap).
     """
     if rows < 1:
         return 1
     target = max(1.0, 2.0 * math.sqrt(rows))
-    nlist = 2 ** math.floor(math.log2(target))
+    nlist = min(2 ** math.floor(math.log2(target)), MAX_DEFAULT_NLIST)
     cap = max(1, rows // MIN_POINTS_PER_CENTROID)
     while nlist > cap:
         nlist //= 2
