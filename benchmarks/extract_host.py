@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,11 +45,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from extract import synthetic_scenes  # noqa: E402
 
+from benchmarks.host_info import cpu_name  # noqa: E402
 from extractors.bua.config import DetectorConfig  # noqa: E402
 from extractors.bua.detector import BottomUpAttentionDetector  # noqa: E402
 from extractors.bua.preprocess import feature_size, pad_blobs  # noqa: E402
 from extractors.bua.roi_head import RoIHeadOutput  # noqa: E402
-from extractors.bua.selection import select_regions_padded  # noqa: E402
 
 BASELINE_MODULES = ("preprocess", "proposals", "selection")
 
@@ -185,7 +184,6 @@ def run_before(
 
 
 def run_after(
-    config: DetectorConfig,
     detector: BottomUpAttentionDetector,
     jpegs: list[bytes],
     inputs: tuple[torch.Tensor, ...],
@@ -210,22 +208,10 @@ def run_after(
     )
 
     def selection() -> int:
-        count, per_image = props.boxes.shape[:2]
-        scales = torch.tensor([info[2] for info in im_infos], dtype=torch.float32)
-        boxes = props.boxes / scales[:, None, None]
-        probs = cls_prob.reshape(count, per_image, -1)
-        max_conf = detector._host_max_conf(boxes, probs, props.counts)
-        keep, keep_counts, branch = select_regions_padded(
-            max_conf,
-            props.counts,
-            conf_thresh=config.conf_thresh,
-            min_boxes=config.min_boxes,
-            max_boxes=config.max_boxes,
-        )
-        zeros = torch.zeros(count * per_image)
+        zeros = torch.zeros(props.boxes.shape[0] * props.boxes.shape[1])
         heads = RoIHeadOutput(pool5, zeros, cls_prob, zeros, attr_prob, zeros)
-        packed = detector._pack_kept(props, heads, boxes, keep, keep_counts, branch)
-        return sum(r.num_boxes for r in detector._unpack(packed.cpu().numpy(), prepared, keep.shape[1]))
+        regions = detector._regions_padded(props, heads, im_infos, prepared, on_device=False)
+        return sum(r.num_boxes for r in regions)
 
     return int(timer.run("selection + copy", selection))  # type: ignore[arg-type]
 
@@ -260,7 +246,7 @@ def main() -> None:
                 if label == "before":
                     regions[label] = run_before(before_modules, config, detector, jpegs, inputs, timer)
                 else:
-                    regions[label] = run_after(config, detector, jpegs, inputs, timer)
+                    regions[label] = run_after(detector, jpegs, inputs, timer)
                 if round_index:
                     rounds[label].append(timer.seconds)
     steps = ["blob (main thread)", "proposals", "selection + copy"]
@@ -273,7 +259,7 @@ def main() -> None:
     print(
         f"host time per batch of {args.batch_size} images of ~{args.width}x{args.height} (blob ~600x800), "
         f"full detector shapes, median of {args.rounds} rounds, torch threads {args.threads}; "
-        f"baseline {args.baseline}; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"baseline {args.baseline}; {cpu_name()}, torch {torch.__version__}, "
         f"{datetime.date.today()}"
     )
     print(f"regions per batch: before {regions['before']}, after {regions['after']}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.host_info import cpu_name
 from extractors.bua.factory import build_detector
 from extractors.bua.precision import PRECISIONS
 
@@ -218,11 +218,11 @@ def main(argv: Sequence[str] | None = None) -> list[ModeRow]:
     width, height = args.width or width, args.height or height
     images = synthetic_scenes(args.num_images, width, height, args.seed)
     modes = ["exact", *[m for m in args.modes if m != "exact"]]  # exact is the reference, always first
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     header = {
         "arch": args.arch,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": f"{device} ({device_name or platform.machine()}, {torch.get_num_threads()} CPU threads)",
+        "device": f"{device} ({device_name}, {torch.get_num_threads()} CPU threads)",
         "torch": torch.__version__,
         "images": f"{args.num_images} synthetic scenes of about {width}x{height}, batch {args.batch_size}",
         "weights": f"random, seed {args.seed} (untrained)",

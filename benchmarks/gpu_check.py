@@ -6,8 +6,7 @@ subprocess that is stopped when it overruns its budget (one hang cannot eat the 
 1. cuda-tests  `pytest -m cuda tests/` (tests/test_cuda.py: CUDA against CPU for the detector, NMS, scorer,
                an AMP step and the extraction CLI);
 2. extract     detector throughput per precision mode (exact / tf32 / bf16 / fp16) at 600x1000 with random
-               full-size weights, boxes identical to exact, feature deviation (benchmarks/extract_modes.py
-               when it exists, else measured here with `detector.detect(images, precision=mode)`);
+               full-size weights, boxes identical to exact, feature deviation (benchmarks/extract_modes.py);
 3. xattn       SCAN scoring (`xattn_scores`) at the COCO 5K shape, both directions;
 4. mmca        MMCA exact evaluation at the Flickr30K shape (benchmarks/mmca_eval.py);
 5. amp-train   a few hundred SCAN training steps with AMP on synthetic data: loss finite and decreasing;
@@ -385,10 +384,8 @@ EXACT_TARGET, FAST_TARGET, FAST_IDENTICAL_TARGET = 20.0, 150.0, 0.95
 
 def plan_extract(env: Environment, result_path: Path) -> Plan:
     missing = _module_missing("extractors.bua.factory") or _module_missing("cv2", root=None)
-    if missing:
-        return Plan.skipped(missing)
-    if not EXTRACT_MODES_SCRIPT.is_file():  # measure here with detector.detect
-        return _half(env, Plan(command=_worker_command("extract", env.mode, result_path)))
+    if missing or not EXTRACT_MODES_SCRIPT.is_file():
+        return Plan.skipped(missing or "benchmarks/extract_modes.py does not exist")
     if env.cuda:
         size = ["--arch", "full", "--device", "cuda", "--num-images", "64", "--batch-size", "8"]
     else:
@@ -398,9 +395,7 @@ def plan_extract(env: Environment, result_path: Path) -> Plan:
 
 
 def interpret_extract(plan: Plan, finished: Finished) -> Outcome:
-    """This script's worker, or benchmarks/extract_modes.py through its --json rows."""
-    if "--worker" in plan.command:
-        return interpret_worker(plan, finished)
+    """benchmarks/extract_modes.py's verdict, through its --json rows."""
     rows = (finished.result or {}).get("rows")
     if finished.returncode != 0 or not rows:
         return Outcome(FAILED, f"extract_modes.py exit {finished.returncode}: {_last_line(finished.output)}")
@@ -452,47 +447,6 @@ def extract_result(
     if problems:
         return {"status": "failed", "summary": "; ".join(problems) + " | " + summary, "metrics": metrics}
     return {"status": PASSED, "summary": summary, "target": target, "metrics": metrics}
-
-
-def worker_extract(device_name: str) -> dict[str, Any]:
-    """Fallback without benchmarks/extract_modes.py: images/s of each precision mode and its agreement with
-    exact (benchmarks/extract.py's comparison; full arch on CUDA, tiny on CPU)."""
-    import numpy as np
-    import torch
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from extract import compare, synthetic_scenes, timed_detect
-
-    from extractors.bua.factory import build_detector
-
-    cuda = device_name == "cuda"
-    device = torch.device(device_name)
-    arch, count, batch = ("full", 64, 8) if cuda else ("tiny", 4, 2)
-    detector = build_detector("random", arch=arch, seed=0).detector.to(device)
-    images = synthetic_scenes(count, 1000, 600, seed=0)  # about 600x1000 (sizes jittered by up to 15%)
-    modes: dict[str, dict[str, Any]] = {}
-    exact = None
-    problems = []
-    for mode in ("exact", "tf32", "bf16", "fp16"):
-        seconds, detections = timed_detect(detector, images, batch, mode, device)
-        row: dict[str, Any] = {"images_per_s": len(images) / seconds, "seconds": seconds}
-        if not all(np.isfinite(d.features).all() for d in detections):
-            problems.append(f"{mode}: non-finite features")
-        if exact is None:
-            exact = detections
-        else:
-            agreement = compare(exact, detections)
-            row.update(
-                boxes_identical=agreement.boxes_identical,
-                boxes_same_region=agreement.boxes_same_region,
-                feature_max_abs=agreement.feature_max_abs,
-                feature_mean_abs=agreement.feature_mean_abs,
-                feature_scale=agreement.feature_scale,
-            )
-        modes[mode] = row
-    result = extract_result(cuda, modes, problems, "max abs dev", "feature_max_abs")
-    result["metrics"].update(arch=arch, images=count, batch_size=batch, size="600x1000")
-    return result
 
 
 def _target(text: str, met: bool) -> str:
@@ -892,7 +846,7 @@ PARTS: tuple[Part, ...] = (
     Part("amp-train", "SCAN training smoke (AMP)", True, 60, 45, plan_train, interpret_worker),
     Part("ddp", "DDP under torchrun (NCCL / gloo)", True, 45, 45, plan_ddp, interpret_worker),
 )
-WORKERS = ("extract", "xattn", "train", "ddp")
+WORKERS = ("xattn", "train", "ddp")
 
 
 def exit_code(results: Sequence[PartResult]) -> int:
@@ -979,9 +933,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     if args.worker == "ddp" and int(os.environ.get("RANK", "0")) != 0:
         worker_ddp(args.device)
         return 0
-    if args.worker == "extract":
-        result = worker_extract(args.device)
-    elif args.worker == "xattn":
+    if args.worker == "xattn":
         result = worker_xattn(args.device, args.scale)
     elif args.worker == "train":
         result = worker_train(args.device)

@@ -39,7 +39,7 @@ from pipeline.evaluation import encode_and_score, encode_captions, encode_images
 from pipeline.loaders import CaptionBatch, ImageBatch
 from pipeline.models.registry import model_family, model_text_input
 from pipeline.models.xattn import xattn_relevance
-from pipeline.vocab import END_ID, START_ID, UNK_ID, load_vocabulary, tokenize_words
+from pipeline.vocab import END_ID, START_ID, UNK_ID, load_vocabulary
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -92,14 +92,10 @@ class VocabularyReader:
         self.vocab = vocab
         self.source = source
 
-    def _words(self, caption: str) -> list[str]:
-        tokens = getattr(self.vocab, "tokens", None)  # the official tokenizer splits its own way
-        return list(tokens(caption)) if callable(tokens) else tokenize_words(caption)
-
     def read(self, caption: str) -> CaptionInput:
         _check_caption(caption)
         ids = self.vocab.encode(caption)
-        words = self._words(caption)
+        words = list(self.vocab.tokens(caption))
         if len(words) != len(ids) - 2 or ids[0] != START_ID or ids[-1] != END_ID:  # never seen; be safe
             words = [self.vocab.id_to_word(i) for i in ids[1:-1]]
         unknown = [word for word, token_id in zip(words, ids[1:-1], strict=True) if token_id == UNK_ID]
@@ -157,9 +153,11 @@ def caption_reader(
     max_words: int | None = None,
     text_dtype: str = "float16",
     device: str | torch.device = "cpu",
+    frozen: FrozenBert | None = None,
 ) -> CaptionReader:
     """How the checkpoint's model reads captions: its vocabulary, or its BERT (`bert`: a folder or "sample";
-    None: the folder the checkpoint records), which must be the model the checkpoint was trained on."""
+    None: the folder the checkpoint records; `frozen`: one already loaded), which must be the model the
+    checkpoint was trained on."""
     if model_text_input(info.model_name) == "words":
         path = info.vocab_path
         if path is None or not path.is_file():
@@ -176,7 +174,8 @@ def caption_reader(
 
     expected_bert = bert_identity_of(info.extra, info.path)
     folder = resolve_bert_path(bert) if bert is not None else Path(expected_bert.path)
-    frozen = load_frozen_bert(folder, device)
+    if frozen is None:
+        frozen = load_frozen_bert(folder, device)
     if not frozen.identity.same_model(expected_bert):
         raise ExplainCheckpointError(
             f"{folder}: not the BERT checkpoint {info.path} was trained on ({expected_bert.describe()})"

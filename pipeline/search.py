@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from pipeline.atomic import write_text_atomic
 from pipeline.checkpoint import load_checkpoint
 from pipeline.distributed import resolve_device
 from pipeline.evaluation import EncodedCaptions, eval_mode, score_encoded
+from pipeline.explain import Explainer, caption_reader
 from pipeline.index.build import CAPTIONS, IMAGES
 from pipeline.index.encode import (
     BertReader,
@@ -48,10 +49,15 @@ from pipeline.index.encode import (
     encode_bert_query,
     encode_raw_images,
     encode_word_query,
+    query_vocabulary,
 )
 from pipeline.index.reader import SearchIndex
 from pipeline.index.tokens import Rescore
 from pipeline.models.xattn import xattn_scores_from_products
+
+if TYPE_CHECKING:  # only for annotations
+    from pipeline.official_vocab import OfficialVocabulary
+    from pipeline.vocab import Vocabulary
 
 DEFAULT_K = 128
 DEFAULT_TOP = 10
@@ -129,8 +135,13 @@ def write_result_json(result: SearchResult, path: str | Path) -> Path:
     return path
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
+def _timings_ms(started: float, encoded: float, shortlisted: float, finished: float) -> dict[str, float]:
+    """The three stages' milliseconds from their `perf_counter` marks."""
+    return {
+        "encode": round((encoded - started) * 1000.0, 3),
+        "shortlist": round((shortlisted - encoded) * 1000.0, 3),
+        "rerank": round((finished - shortlisted) * 1000.0, 3),
+    }
 
 
 def centroid_scorer(config: Any, rows: torch.Tensor, query_side: str) -> Rescore:
@@ -194,11 +205,38 @@ class Searcher:
         return cls(SearchIndex.open(index_dir, checkpoint=checkpoint, features=features), device=device)
 
     @cached_property
+    def explainer(self) -> Explainer:
+        """The model with `pipeline.explain`'s caption reader, for heat maps: loaded once, not per page."""
+        loaded = self.bert.frozen if self.index.kind == "global" else None  # MMCA: the query's BERT
+        reader = caption_reader(self.index.info, device=self.device, frozen=loaded)
+        return Explainer(self.model, self.index.info, reader, self.device)
+
+    @cached_property
+    def vocab(self) -> Vocabulary | OfficialVocabulary:
+        """SCAN: the vocabulary queries are read with (loaded once, not per query)."""
+        return query_vocabulary(self.index.info)
+
+    @cached_property
     def bert(self) -> BertReader:
         """MMCA: the BERT its checkpoint was trained on."""
         return BertReader.for_checkpoint(self.index.info, self.device)
 
     # ---------------------------------------------------------------------------------------------- text
+
+    def _empty_result(self, query: dict[str, Any], target: str, k_requested: int, size: int) -> SearchResult:
+        """A result for this index and model with no hits yet."""
+        return SearchResult(
+            query=query,
+            target=target,
+            hits=[],
+            k=0,
+            k_requested=k_requested,
+            gallery_size=size,
+            timings_ms={},
+            index=str(self.index.root),
+            checkpoint=str(self.index.info.path),
+            model=self.index.info.model_name,
+        )
 
     def _clamp(self, options: SearchOptions, size: int, what: str, notes: list[str]) -> int:
         if options.k > size:
@@ -212,7 +250,7 @@ class Searcher:
         if self.index.kind == "global":
             query = encode_bert_query(self.model, self.bert, text, self.device)
         else:
-            query = encode_word_query(self.model, self.index.info, text, self.device)
+            query = encode_word_query(self.model, self.vocab, text, self.device)
         if not query.words:
             raise QueryError(f"the query {text!r} has no words the model can read")
         return query
@@ -224,27 +262,16 @@ class Searcher:
         started = time.perf_counter()
         query = self.encode_text(text)
         encoded = time.perf_counter()
-        notes: list[str] = []
         gallery = self.index.meta.num_images
-        result = SearchResult(
-            query={"text": text, "words": query.words, "unknown_words": query.unknown},
-            target=IMAGES,
-            hits=[],
-            k=0,
-            k_requested=options.k,
-            gallery_size=gallery,
-            timings_ms={},
-            notes=notes,
-            index=str(self.index.root),
-            checkpoint=str(self.index.info.path),
-            model=self.index.info.model_name,
-        )
+        query_fields = {"text": text, "words": query.words, "unknown_words": query.unknown}
+        result = self._empty_result(query_fields, IMAGES, options.k, gallery)
+        notes = result.notes
         if query.all_unknown:
             notes.append(
                 f"every word of the query ({', '.join(query.unknown)}) is outside the model's vocabulary: "
                 "nothing to search, no results"
             )
-            result.timings_ms = {"encode": _ms(encoded - started), "shortlist": 0.0, "rerank": 0.0}
+            result.timings_ms = _timings_ms(started, encoded, encoded, encoded)
             return result
         if query.unknown:
             notes.append(f"unknown word(s) read as <unk>: {', '.join(query.unknown)}")
@@ -263,11 +290,7 @@ class Searcher:
         ids = self.index.image_ids(positions)
         result.hits = _ranked(positions, estimates, scores, ids, options.top)
         result.k = len(positions)
-        result.timings_ms = {
-            "encode": _ms(encoded - started),
-            "shortlist": _ms(shortlisted - encoded),
-            "rerank": _ms(finished - shortlisted),
-        }
+        result.timings_ms = _timings_ms(started, encoded, shortlisted, finished)
         return result
 
     def image_shortlist(
@@ -288,7 +311,8 @@ class Searcher:
         """SCAN's exact score of the query against the shortlisted images' stored embeddings."""
         rows, lengths = self.index.images.gather(positions)
         img_emb = torch.from_numpy(rows).to(self.device)
-        region_lengths = None if bool((lengths == rows.shape[1]).all()) else torch.from_numpy(lengths)
+        full = bool((lengths == rows.shape[1]).all())
+        region_lengths = None if full else torch.from_numpy(lengths).to(self.device)
         captions = EncodedCaptions(
             indices=[torch.zeros(1, dtype=torch.long)],
             embeddings=[query.embedding],
@@ -296,7 +320,7 @@ class Searcher:
             count=1,
         )
         with eval_mode(self.model):
-            scores = score_encoded(self.model, img_emb, _on(region_lengths, self.device), captions)
+            scores = score_encoded(self.model, img_emb, region_lengths, captions)
         return scores[:, 0].numpy()
 
     @torch.no_grad()
@@ -325,8 +349,8 @@ class Searcher:
         record = store.read([image_id])[0]
         encoding, region_lengths = encode_raw_images(self.model, [record.features], self.device)
         encoded = time.perf_counter()
-        notes: list[str] = []
-        k = self._clamp(options, count, "captions", notes)
+        result = self._empty_result({"image_id": image_id}, CAPTIONS, options.k, count)
+        k = self._clamp(options, count, "captions", result.notes)
         if self.index.kind == "global":
             query_vector = encoding.embedding[0].float().cpu().numpy()
             positions, estimates = self.index.global_index(CAPTIONS).shortlist(
@@ -350,23 +374,10 @@ class Searcher:
         texts = captions.item_field("captions", [hit.position for hit in hits])
         for hit, text in zip(hits, texts, strict=True):
             hit.caption = text
-        return SearchResult(
-            query={"image_id": image_id},
-            target=CAPTIONS,
-            hits=hits,
-            k=len(positions),
-            k_requested=options.k,
-            gallery_size=count,
-            timings_ms={
-                "encode": _ms(encoded - started),
-                "shortlist": _ms(shortlisted - encoded),
-                "rerank": _ms(finished - shortlisted),
-            },
-            notes=notes,
-            index=str(self.index.root),
-            checkpoint=str(self.index.info.path),
-            model=self.index.info.model_name,
-        )
+        result.hits = hits
+        result.k = len(positions)
+        result.timings_ms = _timings_ms(started, encoded, shortlisted, finished)
+        return result
 
     @torch.no_grad()
     def _scan_caption_scores(
@@ -396,10 +407,6 @@ class Searcher:
         return scores[0].float().cpu().numpy()
 
 
-def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(device)
-
-
 def _ranked(
     positions: np.ndarray, estimates: np.ndarray, scores: np.ndarray, ids: list[str], top: int
 ) -> list[SearchHit]:
@@ -416,31 +423,3 @@ def _ranked(
         )
         for rank, slot in enumerate(order)
     ]
-
-
-def search_text(
-    index_dir: str | Path,
-    text: str,
-    options: SearchOptions | None = None,
-    *,
-    checkpoint: str | Path | None = None,
-    features: str | Path | None = None,
-    device: str | torch.device = "cpu",
-) -> SearchResult:
-    """One text query against an index (opens it and loads the model; `Searcher` for many queries)."""
-    searcher = Searcher.open(index_dir, checkpoint=checkpoint, features=features, device=device)
-    return searcher.text(text, options)
-
-
-def search_image(
-    index_dir: str | Path,
-    image_id: str,
-    options: SearchOptions | None = None,
-    *,
-    checkpoint: str | Path | None = None,
-    features: str | Path | None = None,
-    device: str | torch.device = "cpu",
-) -> SearchResult:
-    """One image query against the index's captions (see `search_text`)."""
-    searcher = Searcher.open(index_dir, checkpoint=checkpoint, features=features, device=device)
-    return searcher.image(image_id, options)

@@ -4,8 +4,8 @@ Thumbnails come from the images folder (`--images`; the image id is the path bel
 boxes drawn from the feature store; without the folder, a grey canvas of the image's size stands in, and
 the page says so. Images are embedded as data URIs, so the page travels alone.
 
-Heat maps are `pipeline.explain`'s job: `HeatMaps` calls `explain_pair` (the scorer's own attention for
-the pair) and tints the thumbnail with `pipeline.explain_render.blend_heat` by the explanation's
+Heat maps are `pipeline.explain`'s job: `HeatMaps` calls the searcher's `Explainer` (the scorer's own
+attention for the pair) and tints the thumbnail with `pipeline.explain_render.blend_heat` by the explanation's
 `region_weights()`.
 """
 
@@ -23,7 +23,6 @@ from PIL import Image, ImageDraw
 
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import UserError
-from pipeline.explain import CaptionReader, caption_reader, explain_pair
 from pipeline.explain_render import blend_heat
 from pipeline.search import Searcher, SearchResult
 from pipeline.store import RegionRecord
@@ -81,32 +80,21 @@ def with_boxes(picture: Image.Image, record: RegionRecord | None) -> Image.Image
 
 
 class HeatMaps:
-    """Each result's thumbnail tinted by the pair's attention per region: `explain_pair` (the scorer's own
-    attention) and `blend_heat`; `reason` says why a result has none (e.g. a caption of unknown words)."""
+    """Each result's thumbnail tinted by the pair's attention per region: the searcher's `Explainer` (the
+    scorer's own attention) and `blend_heat`; `reason` says why a result has none (e.g. a caption of unknown
+    words)."""
 
     def __init__(self, searcher: Searcher) -> None:
         self.searcher = searcher
         self.reason = ""
-        self._reader: CaptionReader | None = None
 
     def heat_map(self, record: RegionRecord | None, caption: str, picture: Image.Image) -> Image.Image | None:
         """The tinted thumbnail, or None (then `reason` says why)."""
         if record is None:
             return None
-        searcher = self.searcher
-        if self._reader is None:
-            self._reader = caption_reader(searcher.index.info, device=searcher.device)
+        explainer = self.searcher.explainer
         try:
-            explanation = explain_pair(
-                searcher.model,
-                searcher.index.info,
-                record.features,
-                record.boxes,
-                caption,
-                reader=self._reader,
-                image_size=(record.image_w, record.image_h),
-                device=searcher.device,
-            )
+            explanation = explainer.explain(record, caption)
         except UserError as exc:
             self.reason = f"no heat map for some results ({exc})"
             return None

@@ -3,8 +3,9 @@
 Two runs that differ only in the random seed routinely differ by 1-2 points of R@1, which users mistake for
 bugs; the mean, sample std, min and max over several seeds show how far apart is normal. Runs come from the
 evaluate stage's `metrics.json` files (`runs_from_metrics_files`) or from the JSON of `dvc exp show --json`
-(`runs_from_dvc_experiments`). Runs that differ in anything but the seed (params, protocol, model, gallery)
-are refused unless the caller allows it: their spread would not be seed spread.
+(`runs_from_dvc_experiments`); `spread_report` loads either and builds the report. Runs that differ in
+anything but the seed (params, protocol, model, gallery) are refused unless the caller allows it: their
+spread would not be seed spread.
 
 Decisions: a run lacking a metric is an error naming the run and the metric (a mean over a different subset
 of runs per metric would mislead); `std` is the sample standard deviation (ddof=1), NaN for a single run;
@@ -501,3 +502,25 @@ def build_spread(
     frame["paper_seed_min"] = [ranges.get(metric, (math.nan, math.nan))[0] for metric in frame.index]
     frame["paper_seed_max"] = [ranges.get(metric, (math.nan, math.nan))[1] for metric in frame.index]
     return SpreadReport(frame, runset, reference, tuple(notes))
+
+
+def spread_report(
+    paths: Sequence[str | Path] = (),
+    *,
+    dvc_exps: Path | None = None,
+    metrics_file: str | None = None,
+    dataset: str | None = None,
+    allow_differences: bool = False,
+) -> SpreadReport:
+    """The spread of the runs in `paths` (evaluate folders / `metrics.json` files) or in `dvc_exps`.
+
+    `dvc_exps` is a file saved from `dvc exp show --json` (experiments' `metrics_file`, default the evaluate
+    stage's); it replaces `paths`. `dataset` picks the paper's numbers as in `build_spread`.
+    """
+    if dvc_exps is not None:
+        runs = runs_from_dvc_experiments(
+            dvc_exps, metrics_file or EVAL_METRICS_FILE, allow_differences=allow_differences
+        )
+    else:
+        runs = runs_from_metrics_files(paths, allow_differences=allow_differences)
+    return build_spread(runs, dataset=dataset)

@@ -103,6 +103,10 @@ class Vocabulary:
         except KeyError:
             raise IndexError(f"token id {token_id} out of range for a vocabulary of {len(self)}") from None
 
+    def tokens(self, caption: str) -> list[str]:
+        """The words `encode` gives ids to (no `<start>`/`<end>`), as `OfficialVocabulary.tokens` does."""
+        return tokenize_words(caption)
+
     def encode(self, caption: str) -> list[int]:
         """Ids of a caption wrapped in `<start> ... <end>`; unknown words map to `<unk>`."""
         return self.tokenizer.encode(caption).ids

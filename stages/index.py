@@ -26,7 +26,9 @@ def build_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Trained checkpoint directory (SCAN or MMCA)."),
     features: Path = typer.Option(..., "--features", help="Feature store directory of the gallery images."),
     out: Path = typer.Option(..., "--out", help="Index directory (a killed build resumes here)."),
-    shard_size: int = typer.Option(4096, "--shard-size", help="Items per embedding shard (unit of resume)."),
+    shard_size: int | None = typer.Option(
+        None, "--shard-size", help="Items per embedding shard (unit of resume; default 4,096)."
+    ),
     captions: Path | None = typer.Option(
         None, "--captions", help="captions.parquet to index too, for image-to-text search (`--image`)."
     ),
@@ -45,7 +47,7 @@ def build_command(
         fail(f"{features}: --features directory not found")
     if captions is not None and not captions.is_file():
         fail(f"{captions}: --captions file not found")
-    from pipeline.index.build import build_index
+    from pipeline.index.build import DEFAULT_SHARD_SIZE, build_index
 
     console = Console()
     with user_errors():
@@ -53,7 +55,7 @@ def build_command(
             checkpoint,
             features,
             out,
-            shard_size=shard_size,
+            shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
             captions=captions,
             nlist=nlist,
             batch_size=batch_size,

@@ -16,8 +16,10 @@ def search_command(
     index: Path = typer.Option(..., "--index", help="Index directory written by `scan-pipe index build`."),
     text: str | None = typer.Option(None, "--text", help="Text query: find gallery images."),
     image: str | None = typer.Option(None, "--image", help="Image id of the store: find indexed captions."),
-    k: int = typer.Option(128, "--k", help="Shortlist size scored exactly (clamped to the gallery, noted)."),
-    top: int = typer.Option(10, "--top", help="Results shown and written."),
+    k: int | None = typer.Option(
+        None, "--k", help="Shortlist size scored exactly (default 128; clamped to the gallery, noted)."
+    ),
+    top: int | None = typer.Option(None, "--top", help="Results shown and written (default 10)."),
     images: Path | None = typer.Option(None, "--images", help="Images folder, for thumbnails on the page."),
     html: Path | None = typer.Option(None, "--html", help="Write the result page (HTML) here."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the result (JSON) here."),
@@ -27,7 +29,9 @@ def search_command(
     features: Path | None = typer.Option(
         None, "--features", help="The index's feature store, if moved (must be the same store)."
     ),
-    nprobe: int = typer.Option(8, "--nprobe", help="Centroids probed per query word (MMCA: IVF lists)."),
+    nprobe: int | None = typer.Option(
+        None, "--nprobe", help="Centroids probed per query word (MMCA: IVF lists; default 8)."
+    ),
     candidates: int | None = typer.Option(
         None,
         "--candidates",
@@ -45,7 +49,8 @@ def search_command(
     from pipeline.search_page import write_search_page
 
     console = Console()
-    options = SearchOptions(k=k, top=top, nprobe=nprobe, candidates=candidates)
+    given = {"k": k, "top": top, "nprobe": nprobe, "candidates": candidates}
+    options = SearchOptions(**{name: value for name, value in given.items() if value is not None})
     with user_errors():
         searcher = Searcher.open(index, checkpoint=checkpoint, features=features, device=device)
         result = searcher.text(text, options) if text is not None else searcher.image(str(image), options)

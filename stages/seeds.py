@@ -43,8 +43,8 @@ def seeds_command(
 ) -> None:
     """Run the pipeline once per seed as DVC experiments seed-N and print mean ± std, min, max per metric."""
     from pipeline.atomic import write_text_atomic
+    from pipeline.compare.render import render_spread
     from pipeline.seed_runs import run_seeds
-    from stages.compare import render_spread
 
     chosen = parse_seeds(seeds)
     with user_errors():

@@ -1,4 +1,4 @@
-"""Helpers of the index and search tests: small random SCAN/MMCA checkpoints and tiny JPEGs."""
+"""Helpers of the index and search tests: small random SCAN/MMCA checkpoints, their indexes, tiny JPEGs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from PIL import Image
 from synthetic import SyntheticDataset
 
 from pipeline.checkpoint import save_checkpoint
+from pipeline.index.build import build_index
 from pipeline.models.build import create_model
 from pipeline.vocab import Vocabulary
 
@@ -64,3 +65,22 @@ def write_jpegs(root: Path, image_ids: list[str], size: int = 64) -> Path:
         colour = tuple(int(c) for c in rng.integers(0, 255, 3))
         Image.new("RGB", (size, size), colour).save(path, format="JPEG")
     return root
+
+
+def built_index(
+    data: SyntheticDataset, checkpoint: Path, out: Path, *, shard_size: int, **options: Any
+) -> Path:
+    """The index of the dataset's store and test captions at `out` (built once: reused when it exists)."""
+    if not out.exists():
+        build_index(
+            checkpoint,
+            data.features_dir,
+            out,
+            shard_size=shard_size,
+            captions=data.captions["test"],
+            cache_dir=data.root / "cache",
+            progress=False,
+            device="cpu",
+            **options,
+        )
+    return out

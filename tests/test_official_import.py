@@ -268,7 +268,7 @@ def _variant(
     return path
 
 
-def _import_fails(checkpoint: Path, vocab: Path, out: Path, *needles: str) -> str:
+def assert_import_fails(checkpoint: Path, vocab: Path, out: Path, *needles: str) -> str:
     with pytest.raises((OfficialImportError, OfficialCheckpointError)) as caught:
         import_official(checkpoint, vocab, out)
     message = str(caught.value)
@@ -282,23 +282,25 @@ def _import_fails(checkpoint: Path, vocab: Path, out: Path, *needles: str) -> st
 def test_refuses_options_it_cannot_represent(scan_official_fixtures: Path, tmp_path: Path) -> None:
     vocab, out = _vocab(scan_official_fixtures), tmp_path / "out"
     weight_norm = _variant(scan_official_fixtures, tmp_path, precomp_enc_type="weight_norm")
-    _import_fails(weight_norm, vocab, out, str(weight_norm), "precomp_enc_type", "weight_norm")
+    assert_import_fails(weight_norm, vocab, out, str(weight_norm), "precomp_enc_type", "weight_norm")
     unknown = _variant(scan_official_fixtures, tmp_path, name="u.pth.tar", use_restval=True)
-    _import_fails(unknown, vocab, out, str(unknown), "use_restval")
+    assert_import_fails(unknown, vocab, out, str(unknown), "use_restval")
     assert import_official(unknown, vocab, out, ignore_options=("use_restval",)).out_dir == out
     missing = _variant(scan_official_fixtures, tmp_path, name="m.pth.tar", cross_attn=None)
-    _import_fails(missing, vocab, tmp_path / "o2", str(missing), "cross_attn")
+    assert_import_fails(missing, vocab, tmp_path / "o2", str(missing), "cross_attn")
     wrong_type = _variant(scan_official_fixtures, tmp_path, name="t.pth.tar", embed_size="16")
-    _import_fails(wrong_type, vocab, tmp_path / "o3", "opt.embed_size", "expected int")
+    assert_import_fails(wrong_type, vocab, tmp_path / "o3", "opt.embed_size", "expected int")
     bad_value = _variant(scan_official_fixtures, tmp_path, name="b.pth.tar", agg_func="Median")
-    _import_fails(bad_value, vocab, tmp_path / "o4", "agg_func", "Median")
+    assert_import_fails(bad_value, vocab, tmp_path / "o4", "agg_func", "Median")
 
 
 def test_refuses_weights_that_do_not_fit_opt(scan_official_fixtures: Path, tmp_path: Path) -> None:
     run = next(run for run in _runs(scan_official_fixtures) if not run.endswith("_legacy"))
     opt = vars(_load_official(_checkpoint(scan_official_fixtures, run))["opt"])
     wider = _variant(scan_official_fixtures, tmp_path, embed_size=opt["embed_size"] * 2)
-    _import_fails(wider, _vocab(scan_official_fixtures), tmp_path / "out", str(wider), "fc.weight", "shape")
+    assert_import_fails(
+        wider, _vocab(scan_official_fixtures), tmp_path / "out", str(wider), "fc.weight", "shape"
+    )
 
 
 def test_refuses_a_vocabulary_of_another_size(scan_official_fixtures: Path, tmp_path: Path) -> None:
@@ -309,7 +311,9 @@ def test_refuses_a_vocabulary_of_another_size(scan_official_fixtures: Path, tmp_
     vocab = tmp_path / "other_vocab.json"
     vocab.write_text(json.dumps(document))
     run = _runs(scan_official_fixtures)[0]
-    _import_fails(_checkpoint(scan_official_fixtures, run), vocab, tmp_path / "out", str(vocab), "vocab_size")
+    assert_import_fails(
+        _checkpoint(scan_official_fixtures, run), vocab, tmp_path / "out", str(vocab), "vocab_size"
+    )
 
 
 def test_refuses_files_that_are_not_official_checkpoints(
@@ -318,11 +322,11 @@ def test_refuses_files_that_are_not_official_checkpoints(
     vocab, out = _vocab(scan_official_fixtures), tmp_path / "out"
     random_bytes = tmp_path / "random.pth.tar"
     random_bytes.write_bytes(np.random.default_rng(0).bytes(4096))
-    _import_fails(random_bytes, vocab, out, str(random_bytes), "not an official SCAN checkpoint")
+    assert_import_fails(random_bytes, vocab, out, str(random_bytes), "not an official SCAN checkpoint")
     plain_state = tmp_path / "state_dict.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, plain_state)
-    _import_fails(plain_state, vocab, out, str(plain_state), "missing key")
-    _import_fails(tmp_path / "absent.pth.tar", vocab, out, "not found")
+    assert_import_fails(plain_state, vocab, out, str(plain_state), "missing key")
+    assert_import_fails(tmp_path / "absent.pth.tar", vocab, out, "not found")
 
 
 def _rewrite_zip(source: Path, target: Path, edit) -> Path:
@@ -342,7 +346,7 @@ def test_refuses_a_foreign_global_without_executing_it(scan_official_fixtures: P
             data.replace(b"argparse\nNamespace\n", b"os\nsystem\n") if name.endswith("data.pkl") else data
         ),
     )
-    message = _import_fails(
+    message = assert_import_fails(
         hostile, _vocab(scan_official_fixtures), tmp_path / "out", str(hostile), "os.system"
     )
     assert "executed" in message  # "nothing in the file was executed"

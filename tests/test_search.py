@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import typer
-from search_fixtures import mmca_checkpoint, scan_checkpoint, write_jpegs
+from search_fixtures import built_index, mmca_checkpoint, scan_checkpoint, write_jpegs
 from synthetic import SyntheticDataset, make_synthetic_dataset
 from typer.testing import CliRunner
 
@@ -45,20 +45,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDataset:
 
 
 def _index(data: SyntheticDataset, checkpoint: Path, name: str, **options) -> Path:
-    out = data.root / name
-    if not out.exists():
-        build_index(
-            checkpoint,
-            data.features_dir,
-            out,
-            shard_size=16,
-            captions=data.captions["test"],
-            cache_dir=data.root / "cache",
-            progress=False,
-            device="cpu",
-            **options,
-        )
-    return out
+    return built_index(data, checkpoint, data.root / name, shard_size=16, **options)
 
 
 @pytest.fixture(scope="module", params=["scan_t2i_avg", "scan_i2t_lse"])
@@ -372,7 +359,28 @@ def test_a_pair_without_a_heat_map_leaves_boxes_and_says_why(
     def refused(*args, **kwargs):
         raise UserError("caption 'zzz' has no known word")
 
-    monkeypatch.setattr("pipeline.search_page.explain_pair", refused)
+    monkeypatch.setattr("pipeline.explain.Explainer.explain", refused)
     page = write_search_page(result, searcher, tmp_path / "q.html").read_text()
     assert "attention heat map of" not in page and page.count(" with its boxes") == 3
     assert "no heat map for some results (caption &#39;zzz&#39; has no known word)" in page
+
+
+def test_mmca_page_heat_maps_reuse_the_searchers_bert(
+    data: SyntheticDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heat maps of an MMCA page read captions with the BERT the searcher already loaded."""
+    import pipeline.bert_text
+    from pipeline.search_page import write_search_page
+
+    checkpoint = mmca_checkpoint(data.root / "ckpt-mmca", data)
+    searcher = Searcher.open(_index(data, checkpoint, "index-mmca"), device="cpu")
+    result = searcher.text("a dog with a cat", SearchOptions(k=4, top=2))
+    loads = []
+    real_load = pipeline.bert_text.load_frozen_bert
+    monkeypatch.setattr(
+        pipeline.bert_text, "load_frozen_bert", lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    )
+    page = write_search_page(result, searcher, tmp_path / "mmca.html").read_text()
+    assert page.count("attention heat map of") == 2
+    assert loads == []  # `searcher.bert` had loaded it for the query
+    assert searcher.explainer.reader.frozen is searcher.bert.frozen

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from search_fixtures import scan_checkpoint, write_jpegs
+from search_fixtures import built_index, scan_checkpoint, write_jpegs
 from synthetic import SyntheticDataset, make_synthetic_dataset
 
 from pipeline.captions import read_captions
-from pipeline.index.build import build_index
 from pipeline.index.meta import meta_path
 from pipeline.search import Searcher, SearchOptions
 from pipeline.serve import ServeError, create_app, open_app
@@ -26,20 +25,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Search
         tmp_path_factory.mktemp("serve-data"), splits={"train": 20, "val": 4, "test": 12}, img_dim=16
     )
     checkpoint = scan_checkpoint(data.root / "ckpt", data)
-    index = data.root / "index"
-    build_index(
-        checkpoint,
-        data.features_dir,
-        index,
-        shard_size=8,
-        captions=data.captions["test"],
-        cache_dir=data.root / "cache",
-        progress=False,
-        device="cpu",
-    )
-    images = write_jpegs(data.root / "images", Searcher.open(index).index.store.image_ids)
+    index = built_index(data, checkpoint, data.root / "index", shard_size=8)
+    searcher = Searcher.open(index)
+    images = write_jpegs(data.root / "images", searcher.index.store.image_ids)
     app = open_app(index, images_dir=images)
-    return TestClient(app), Searcher.open(index), data, index
+    return TestClient(app), searcher, data, index
 
 
 def _a_caption(data: SyntheticDataset) -> str:

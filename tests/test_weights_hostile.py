@@ -98,7 +98,7 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def refused(path: Path, pattern: str = "") -> str:
+def assert_refused(path: Path, pattern: str = "") -> str:
     """Read `path`, expecting one WeightsError line that names the file (and matches `pattern`)."""
     with pytest.raises(WeightsError) as info:
         read_checkpoint(path)
@@ -317,7 +317,7 @@ HOSTILE_PICKLES: dict[str, tuple[bytes, str]] = {
 @pytest.mark.parametrize("case", sorted(HOSTILE_PICKLES))
 def test_hostile_pickle_is_refused(case: str, tmp_path: Path) -> None:
     data, pattern = HOSTILE_PICKLES[case]
-    refused(write(tmp_path, f"{case}.pkl", data), pattern)
+    assert_refused(write(tmp_path, f"{case}.pkl", data), pattern)
 
 
 def test_reducers_never_run(tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def test_reducers_never_run(tmp_path: Path) -> None:
     for index, payload in enumerate((Shell(), Eval(), Popen())):
         for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
             data = pickle.dumps({"model": {"w": np.zeros(2, np.float32), "x": payload}}, protocol=protocol)
-            refused(write(tmp_path, f"r{index}_{protocol}.pkl", data), r"refusing to unpickle global")
+            assert_refused(write(tmp_path, f"r{index}_{protocol}.pkl", data), r"refusing to unpickle global")
     assert not marker.exists()
 
 
@@ -354,12 +354,14 @@ def test_shared_bytes_cannot_multiply_memory(tmp_path: Path) -> None:
     first = array_of(op_bytes(np.zeros(count, np.float32).tobytes()) + pickle.BINPUT + b"\x02")
     shared = array_of(pickle.BINGET + b"\x02")  # the same bytes object again
     entries = [("a", first)] + [(f"b{i}", shared) for i in range(200)]
-    refused(write(tmp_path, "shared.pkl", stream(model(*entries))), r"more memory than its \d+ bytes justify")
+    assert_refused(
+        write(tmp_path, "shared.pkl", stream(model(*entries))), r"more memory than its \d+ bytes justify"
+    )
 
 
 def test_opcode_flood_is_bounded(tmp_path: Path) -> None:
     """2 MB of EMPTY_DICT would be 2M dicts (~150 MB): opcodes are charged against the file size."""
-    refused(write(tmp_path, "flood.pkl", stream(pickle.EMPTY_DICT * (2 << 20))), r"more memory than")
+    assert_refused(write(tmp_path, "flood.pkl", stream(pickle.EMPTY_DICT * (2 << 20))), r"more memory than")
 
 
 VALID_ARRAYS = {
@@ -383,9 +385,9 @@ def valid_pickle(protocol: int, fuzz_payload: bool = False) -> bytes:
 def test_every_truncation_of_a_pickle_is_refused(protocol: int, tmp_path: Path) -> None:
     data = valid_pickle(protocol)
     assert set(read_checkpoint(write(tmp_path, "full.pkl", data))) == set(VALID_ARRAYS)
-    refused(write(tmp_path, "empty.pkl", b""), r": empty file$")
+    assert_refused(write(tmp_path, "empty.pkl", b""), r": empty file$")
     for size in range(1, len(data)):
-        refused(write(tmp_path, "cut.pkl", data[:size]), r"truncated")
+        assert_refused(write(tmp_path, "cut.pkl", data[:size]), r"truncated")
 
 
 # -------------------------------------------------------------------------------------------- memory bound
@@ -527,7 +529,7 @@ for _dtype in ("O", "object", "V8", "str", "U", "C64", "complex64", "F8_E4M3", 5
 @pytest.mark.parametrize("case", sorted(HOSTILE_SAFETENSORS))
 def test_hostile_safetensors_is_refused(case: str, tmp_path: Path) -> None:
     data, pattern = HOSTILE_SAFETENSORS[case]
-    refused(write(tmp_path, "hostile.safetensors", data), pattern)
+    assert_refused(write(tmp_path, "hostile.safetensors", data), pattern)
 
 
 def test_safetensors_header_over_the_cap_is_refused_unread(tmp_path: Path) -> None:
@@ -536,7 +538,7 @@ def test_safetensors_header_over_the_cap_is_refused_unread(tmp_path: Path) -> No
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", 200 << 20))
         handle.truncate(8 + (200 << 20))
-    refused(path, r"safetensors header of 209715200 bytes \(over 100 MB\)")
+    assert_refused(path, r"safetensors header of 209715200 bytes \(over 100 MB\)")
 
 
 def test_valid_safetensors_load_identically(tmp_path: Path) -> None:
@@ -580,7 +582,7 @@ def test_every_truncation_of_a_safetensors_file_is_refused(tmp_path: Path) -> No
     loaded = read_checkpoint(write(tmp_path, "full.safetensors", data))
     np.testing.assert_array_equal(loaded["c"], [False, True, True])  # any non-zero byte is True
     for size in range(len(data)):
-        refused(write(tmp_path, "cut.safetensors", data[:size]))
+        assert_refused(write(tmp_path, "cut.safetensors", data[:size]))
 
 
 # ---------------------------------------------------------------------------------------------- torch .bin
@@ -594,7 +596,7 @@ def test_bin_with_a_code_running_global_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.bin"
     torch.save({"w": torch.zeros(2), "x": Shell()}, path)
     assert zipfile.is_zipfile(path)
-    refused(path, r"cannot read torch checkpoint: .*unsupported GLOBAL (posix|os|nt)\.system")
+    assert_refused(path, r"cannot read torch checkpoint: .*unsupported GLOBAL (posix|os|nt)\.system")
     assert not marker.exists()
 
 
@@ -602,7 +604,7 @@ def test_legacy_bin_pickle_with_a_global_is_refused(tmp_path: Path) -> None:
     path = write(
         tmp_path, "legacy.bin", stream(op_global("os", "system") + op_tuple(op_str("true")) + pickle.REDUCE)
     )
-    refused(path, r"cannot read torch checkpoint")
+    assert_refused(path, r"cannot read torch checkpoint")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
@@ -619,7 +621,7 @@ def test_bin_with_non_numeric_or_amplifying_tensors_is_refused(
 ) -> None:
     path = tmp_path / f"{name}.bin"
     torch.save({"w": tensor}, path)
-    refused(path, pattern)
+    assert_refused(path, pattern)
 
 
 def test_zip_records_larger_than_the_file_are_refused(tmp_path: Path) -> None:
@@ -627,7 +629,7 @@ def test_zip_records_larger_than_the_file_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "bomb.bin"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("archive/data/0", bytes(20 << 20))
-    refused(path, r"zip records declare 20971520 bytes in a \d+-byte file")
+    assert_refused(path, r"zip records declare 20971520 bytes in a \d+-byte file")
 
 
 def test_truncated_and_empty_bins_are_refused(tmp_path: Path) -> None:
@@ -636,7 +638,7 @@ def test_truncated_and_empty_bins_are_refused(tmp_path: Path) -> None:
     data = path.read_bytes()
     np.testing.assert_array_equal(read_checkpoint(path)["w"].numpy(), [0, 1, 2, 3])
     for size in (0, 1, 4, 30, 100, len(data) // 2, len(data) - 22, len(data) - 1):
-        refused(write(tmp_path, "cut.bin", data[:size]), r"cannot read torch checkpoint")
+        assert_refused(write(tmp_path, "cut.bin", data[:size]), r"cannot read torch checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------- fuzz

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Literal
 
 import numpy as np
@@ -122,14 +123,7 @@ def _scatter_rows(heads: RoIHeadOutput, rows: torch.Tensor, total: int) -> RoIHe
         out[rows] = values
         return out
 
-    return RoIHeadOutput(
-        pool5=place(heads.pool5),
-        cls_score=place(heads.cls_score),
-        cls_prob=place(heads.cls_prob),
-        attr_score=place(heads.attr_score),
-        attr_prob=place(heads.attr_prob),
-        attr_embed_index_caffe=place(heads.attr_embed_index_caffe),
-    )
+    return heads.map(place)
 
 
 class BottomUpAttentionDetector(nn.Module):
@@ -227,12 +221,7 @@ class BottomUpAttentionDetector(nn.Module):
             full_nms=full_nms,
         )
 
-    def select(
-        self,
-        boxes_orig: torch.Tensor,
-        cls_prob: torch.Tensor,
-        max_conf: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> Selection:
+    def select(self, boxes_orig: torch.Tensor, cls_prob: torch.Tensor) -> Selection:
         cfg = self.config
         return select_regions(
             boxes_orig,
@@ -241,7 +230,6 @@ class BottomUpAttentionDetector(nn.Module):
             nms_thresh=cfg.nms_thresh,
             min_boxes=cfg.min_boxes,
             max_boxes=cfg.max_boxes,
-            max_conf=max_conf,
         )
 
     # ------------------------------------------------------------------------------------------- public API
@@ -301,14 +289,27 @@ class BottomUpAttentionDetector(nn.Module):
         # res5 dominates the cost, so it runs on the surviving proposals only: the one host sync of the batch
         # (small images keep far fewer than post_nms_top_n proposals).
         counts = props.counts.tolist()
-        rows = torch.cat([torch.arange(count) + index * per_image for index, count in enumerate(counts)])
-        rows = per_image_tensor(rows.tolist(), torch.long, device)
+        surviving = [index * per_image + k for index, count in enumerate(counts) for k in range(count)]
+        rows = per_image_tensor(surviving, torch.long, device)
         image_index = torch.arange(num_images, device=device, dtype=torch.float32).repeat_interleave(
             per_image
         )
         rois = torch.cat((image_index[:, None], props.boxes.reshape(-1, 4)), dim=1)
         heads = _scatter_rows(self._heads(res4, rois[rows], precision, roi_chunk_size), rows, len(rois))
-        scales = per_image_tensor([info[2] for info in im_infos], torch.float32, device)
+        return self._regions_padded(props, heads, im_infos, prepared, on_device)
+
+    def _regions_padded(
+        self,
+        props: PaddedProposals,
+        heads: RoIHeadOutput,
+        im_infos: list[tuple[float, float, float]],
+        prepared: Sequence[PreparedImage],
+        on_device: bool,
+    ) -> list[RegionDetections]:
+        """`detect` after the heads: per-class NMS, the generate_tsv rule and the gather of the kept regions,
+        batched, then the one copy to the host (benchmarks/extract_host.py times this step as is)."""
+        num_images, per_image = props.boxes.shape[:2]
+        scales = per_image_tensor([info[2] for info in im_infos], torch.float32, props.boxes.device)
         # float32 division by float32(im_scale), as the reference under NumPy 1.x.
         boxes_orig = props.boxes / scales[:, None, None]
         cls_prob = heads.cls_prob.reshape(num_images, per_image, -1)
@@ -500,14 +501,7 @@ class BottomUpAttentionDetector(nn.Module):
         for index, (props, im_info, feat_h, feat_w) in enumerate(per_image):
             rows = slice(start, start + props.boxes.shape[0])
             start = rows.stop
-            image_heads = RoIHeadOutput(
-                pool5=heads.pool5[rows],
-                cls_score=heads.cls_score[rows],
-                cls_prob=heads.cls_prob[rows],
-                attr_score=heads.attr_score[rows],
-                attr_prob=heads.attr_prob[rows],
-                attr_embed_index_caffe=heads.attr_embed_index_caffe[rows],
-            )
+            image_heads = heads.map(itemgetter(rows))
             # float32 division by float32(im_scale), as the reference under NumPy 1.x.
             boxes_orig = props.boxes / torch.tensor(im_info[2], dtype=torch.float32, device=device)
             selection = self.select(boxes_orig, image_heads.cls_prob)

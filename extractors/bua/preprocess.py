@@ -6,6 +6,7 @@ resize, there is no division by a std, and the output size is cv2's rounded prod
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,14 +119,15 @@ class BlobMaker:
     pixel_means_bgr: tuple[float, float, float]
 
     def __call__(self, image_bgr: np.ndarray) -> PreparedImage:
-        table = _TABLES.get(self.pixel_means_bgr)
-        if table is None:
-            table = _TABLES.setdefault(self.pixel_means_bgr, mean_subtraction_table(self.pixel_means_bgr))
+        table = _cached_table(self.pixel_means_bgr)
         blob, im_scale = image_blob(image_bgr, self.test_scale, self.max_size, self.pixel_means_bgr, table)
         return PreparedImage(blob, im_scale, int(image_bgr.shape[0]), int(image_bgr.shape[1]))
 
 
-_TABLES: dict[tuple[float, float, float], np.ndarray] = {}  # per process: workers build their own once
+@functools.cache
+def _cached_table(pixel_means_bgr: tuple[float, float, float]) -> np.ndarray:
+    """`mean_subtraction_table`, built once per process (each loader worker builds its own)."""
+    return mean_subtraction_table(pixel_means_bgr)
 
 
 def pad_blobs(

@@ -11,7 +11,8 @@ and the heads stay float32. With `dtype=None` res5 is the Caffe-exact float32 ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,10 @@ class RoIHeadOutput:
     attr_score: torch.Tensor  # (R, A+1)
     attr_prob: torch.Tensor  # (R, A+1)
     attr_embed_index_caffe: torch.Tensor  # (R,)
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> RoIHeadOutput:
+        """Every output passed through `function` (rows sliced, scattered, ...), so no field is forgotten."""
+        return RoIHeadOutput(**{item.name: function(getattr(self, item.name)) for item in fields(self)})
 
 
 class RoIHeads(nn.Module):

@@ -13,7 +13,6 @@ Two paths giving identical results:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,26 +182,6 @@ def per_class_max_conf_padded(
     return _max_over_kept(kept, class_prob, dim=1)
 
 
-def per_class_max_conf_batch(
-    boxes: Sequence[torch.Tensor], cls_prob: Sequence[torch.Tensor], nms_thresh: float = 0.3
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`per_class_max_conf` of several images of any sizes: pads them and runs `per_class_max_conf_padded`."""
-    if len(boxes) == 0:
-        return []
-    device = boxes[0].device
-    sizes = [int(b.shape[0]) for b in boxes]
-    num_columns = int(cls_prob[0].shape[1])
-    width = max(sizes)
-    padded_boxes = torch.zeros((len(boxes), width, 4), dtype=torch.float32, device=device)
-    padded_prob = torch.zeros((len(boxes), width, num_columns), dtype=torch.float32, device=device)
-    for index, (image_boxes, image_prob) in enumerate(zip(boxes, cls_prob, strict=True)):
-        padded_boxes[index, : sizes[index]] = image_boxes
-        padded_prob[index, : sizes[index]] = image_prob
-    counts = torch.tensor(sizes, dtype=torch.long).to(device)
-    conf, conf_class = per_class_max_conf_padded(padded_boxes, padded_prob, counts, nms_thresh)
-    return [(conf[i, :size], conf_class[i, :size]) for i, size in enumerate(sizes)]
-
-
 def select_regions(
     boxes: torch.Tensor,
     cls_prob: torch.Tensor,
@@ -216,7 +195,7 @@ def select_regions(
     """generate_tsv's rule: the boxes with max_conf >= conf_thresh, in proposal order, when their count lies
     in [min_boxes, max_boxes]; otherwise the top min/max boxes by max_conf, in descending max_conf order.
 
-    `max_conf` may carry a precomputed (max_conf, class) pair, e.g. from `per_class_max_conf_batch`. The
+    `max_conf` may carry a precomputed (max_conf, class) pair, e.g. from `per_class_max_conf_padded`. The
     by-confidence order is generate_tsv's `np.argsort(max_conf)[::-1]` (`caffe_descending`).
     """
     conf, conf_class = max_conf if max_conf is not None else per_class_max_conf(boxes, cls_prob, nms_thresh)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,7 +32,10 @@ from pipeline.loaders import (
     pad_regions,
     pad_tokens,
 )
-from pipeline.vocab import UNK_ID, load_vocabulary, tokenize_words
+from pipeline.vocab import UNK_ID, Vocabulary, load_vocabulary
+
+if TYPE_CHECKING:  # only for annotations
+    from pipeline.official_vocab import OfficialVocabulary
 
 
 class QueryError(UserError):
@@ -176,17 +179,21 @@ class TextQuery:
         return bool(self.words) and len(self.unknown) == len(self.words)
 
 
-@torch.no_grad()
-def encode_word_query(model: nn.Module, info: CheckpointInfo, text: str, device: torch.device) -> TextQuery:
-    """Tokenise with the checkpoint's vocabulary and encode with its text encoder (SCAN)."""
+def query_vocabulary(info: CheckpointInfo) -> Vocabulary | OfficialVocabulary:
+    """SCAN: the checkpoint's vocabulary, to read queries with (load it once per searcher)."""
     if info.vocab_path is None:
         raise QueryError(f"{info.path}: checkpoint carries no vocabulary to read the query with")
-    vocab = load_vocabulary(info.vocab_path, info.tokenizer)
+    return load_vocabulary(info.vocab_path, info.tokenizer)
+
+
+@torch.no_grad()
+def encode_word_query(
+    model: nn.Module, vocab: Vocabulary | OfficialVocabulary, text: str, device: torch.device
+) -> TextQuery:
+    """Tokenise with the checkpoint's vocabulary and encode with its text encoder (SCAN)."""
     ids = vocab.encode(text)
-    inner = ids[1:-1]
-    # The words the ids stand for, by the tokenizer the vocabulary was built with.
-    words = list(vocab.tokens(text)) if hasattr(vocab, "tokens") else tokenize_words(text)
-    unknown = [word for word, token in zip(words, inner, strict=False) if token == UNK_ID]
+    words = list(vocab.tokens(text))  # the words the ids stand for, by the vocabulary's own tokenizer
+    unknown = [word for word, token in zip(words, ids[1:-1], strict=False) if token == UNK_ID]
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
     lengths = torch.tensor([len(ids)], dtype=torch.long)
     with eval_mode(model):

@@ -38,6 +38,7 @@ class SearchIndex:
         self.meta = meta
         self.info = info
         self.features = features  # None: the store is not reachable (boxes unavailable)
+        self._global_indexes: dict[str, GlobalIndex] = {}
 
     @classmethod
     def open(
@@ -103,10 +104,12 @@ class SearchIndex:
         return CaptionTokenCodes(self.root / TOKENS_DIR, self.captions.lengths)
 
     def global_index(self, side: str) -> GlobalIndex:
-        """MMCA: the FAISS index of one side."""
+        """MMCA: the FAISS index of one side, read once (not per query)."""
         if side == CAPTIONS:
             _ = self.captions  # the no-captions error
-        return GlobalIndex(index_file(self.root / GLOBAL_DIR, side))
+        if side not in self._global_indexes:
+            self._global_indexes[side] = GlobalIndex(index_file(self.root / GLOBAL_DIR, side))
+        return self._global_indexes[side]
 
     @cached_property
     def store(self) -> FeatureStore:

@@ -15,13 +15,14 @@ Files: `<side>_residual_codebooks.npy` (m, K, d / m) float32; per shard `<side>_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.index.kmeans import MIN_POINTS_PER_CENTROID, faiss_module
-from pipeline.index.shards import ShardSet, save_array
+from pipeline.index.shards import ShardSet, arrays_per_shard
 
 MAX_SUBSPACES = 32
 DIMS_PER_SUBSPACE = 8
@@ -96,22 +97,17 @@ def encode_shards(
     on_shard: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Residual codes of every row (flat, shard order); shards already encoded are read back."""
-    encoder: ResidualEncoder | None = None
-    parts: list[np.ndarray] = []
-    start = 0
-    for shard in range(shards.num_shards):
+    encoder = functools.cache(lambda: ResidualEncoder(codebooks))  # built only if a shard needs it
+    item_rows = np.concatenate([[0], np.cumsum(shards.lengths)])  # flat row where each item starts
+
+    def encode(shard: int) -> np.ndarray:
         rows = shards.embeddings(shard)
-        path = residual_file(root, side, shard)
-        if path.is_file():
-            parts.append(np.load(path))
-        else:
-            encoder = encoder or ResidualEncoder(codebooks)
-            encoded = encoder.encode(rows, centroids, codes[start : start + rows.shape[0]])
-            save_array(path, encoded)
-            parts.append(encoded)
-        start += rows.shape[0]
-        if on_shard is not None:
-            on_shard(shard)
+        start = int(item_rows[shard * shards.shard_size])
+        return encoder().encode(rows, centroids, codes[start : start + rows.shape[0]])
+
+    parts = arrays_per_shard(
+        shards.num_shards, lambda shard: residual_file(root, side, shard), encode, on_shard
+    )
     return np.concatenate(parts) if parts else np.zeros((0, codebooks.shape[0]), np.uint8)
 
 

@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,26 @@ def save_array(path: Path, array: np.ndarray) -> Path:
     with atomic_output(path) as tmp_path, tmp_path.open("wb") as handle:
         np.save(handle, array)
     return path
+
+
+def arrays_per_shard(
+    num_shards: int,
+    path_of: Callable[[int], Path],
+    compute: Callable[[int], np.ndarray],
+    on_shard: Callable[[int], None] | None = None,
+) -> list[np.ndarray]:
+    """Each shard's array: read back where a killed build saved it, else computed and saved (the resume)."""
+    parts: list[np.ndarray] = []
+    for shard in range(num_shards):
+        path = path_of(shard)
+        if path.is_file():
+            parts.append(np.load(path))
+        else:
+            parts.append(compute(shard))
+            save_array(path, parts[-1])
+        if on_shard is not None:
+            on_shard(shard)
+    return parts
 
 
 def remove_stale_staging(root: str | Path) -> None:

@@ -40,6 +40,7 @@ Files (under `<index>/tokens/`): `{images,captions}_centroids.npy` (nlist, d) fl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch
 
 from pipeline.index.kmeans import Assigner
 from pipeline.index.residuals import corrections, lookup_table
-from pipeline.index.shards import ShardSet, save_array
+from pipeline.index.shards import ShardSet, arrays_per_shard, save_array
 
 TOKENS_DIR = "tokens"
 # Rank of the centroid Gram matrices the second stage uses. benchmarks/search_quality.py at k = 128: exact
@@ -111,19 +112,13 @@ def assign_shards(
     on_shard: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Centroid id of every row of every shard; shards whose codes exist are read, not recomputed."""
-    assigner: Assigner | None = None
-    parts: list[np.ndarray] = []
-    for shard in range(shards.num_shards):
-        path = code_file(root, side, shard)
-        if path.is_file():
-            parts.append(np.load(path))
-        else:
-            assigner = assigner or Assigner(centroids)
-            codes = assigner.assign(shards.embeddings(shard))
-            save_array(path, codes)
-            parts.append(codes)
-        if on_shard is not None:
-            on_shard(shard)
+    assigner = functools.cache(lambda: Assigner(centroids))  # built only if a shard needs it
+    parts = arrays_per_shard(
+        shards.num_shards,
+        lambda shard: code_file(root, side, shard),
+        lambda shard: assigner().assign(shards.embeddings(shard)),
+        on_shard,
+    )
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
